@@ -1,0 +1,55 @@
+"""Generate docs/api.md from the public docstrings:  python docs/gen_api.py  (a test checks it is current)."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import metaadv
+from metaadv import attacks, baselines, data, evaluate, models, plots
+
+SECTIONS = [
+    ("Training", [metaadv.meta_train, metaadv.MetaConfig, metaadv.TrainResult, metaadv.adapt]),
+    ("Tasks", [metaadv.AttackDistribution, metaadv.AttackTask]),
+    ("Attacks", [attacks.make, attacks.register, attacks.available, attacks.Attack]),
+    ("Evaluation", [evaluate.evaluate, evaluate.RobustnessReport]),
+    ("Data and models", [data.load, data.TensorDataset, data.to_tensors, models.SmallCNN, models.build]),
+    ("Baselines", [baselines.adversarial_train]),
+    ("Plots", [plots.robustness_bars, plots.training_curves]),
+    ("Run configs (CLI)", [metaadv.RunConfig, metaadv.load_run_config]),
+]
+
+
+def signature(obj: object) -> str:
+    try:
+        return str(inspect.signature(obj))
+    except (TypeError, ValueError):
+        return "(...)"
+
+
+def render() -> str:
+    lines = [
+        "# API reference",
+        "",
+        "Generated from the docstrings by `python docs/gen_api.py`; do not edit by hand.",
+        "",
+    ]
+    for title, objects in SECTIONS:
+        lines += [f"## {title}", ""]
+        for obj in objects:
+            kind = "class" if inspect.isclass(obj) else "def"
+            name = f"{obj.__module__}.{obj.__qualname__}"
+            lines += [f"### `{name}`", "", "```python", f"{kind} {obj.__name__}{signature(obj)}", "```", ""]
+            lines += [inspect.cleandoc(obj.__doc__ or "(no docstring)"), ""]
+            if inspect.isclass(obj) and hasattr(obj, "__dataclass_fields__"):
+                source = inspect.getsource(obj)
+                fields = [ln.strip() for ln in source.splitlines() if "  # " in ln and ":" in ln.split("#")[0]]
+                if fields:
+                    lines += ["Fields:", "", "```python", *fields, "```", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+if __name__ == "__main__":
+    target = Path(__file__).with_name("api.md")
+    target.write_text(render())
+    print(f"wrote {target}")

@@ -1,0 +1,34 @@
+"""metaadv: meta-adversarial training, MAML over a distribution of adversarial attack types.
+
+import metaadv as ma
+result = ma.meta_train(model, train, ma.AttackDistribution(["fgsm(eps=0.3)"]), ma.MetaConfig())
+report = ma.evaluate(result.model, test, ["pgd_l2(eps=2.0)"], adapt_shots=32)
+"""
+
+from . import attacks, baselines, data, models, plots
+from .config import MetaConfig, RunConfig, load_run_config
+from .evaluate import RobustnessReport, evaluate
+from .inner import adapt
+from .tasks import AttackDistribution, AttackTask
+from .trainer import TrainResult, meta_train
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttackDistribution",
+    "AttackTask",
+    "MetaConfig",
+    "RobustnessReport",
+    "RunConfig",
+    "TrainResult",
+    "__version__",
+    "adapt",
+    "attacks",
+    "baselines",
+    "data",
+    "evaluate",
+    "load_run_config",
+    "meta_train",
+    "models",
+    "plots",
+]

@@ -1,0 +1,156 @@
+"""Configuration: ``MetaConfig`` (the meta-training algorithm) and ``RunConfig`` (a whole CLI run from YAML/JSON).
+
+Every field is validated on construction; errors name the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["MetaConfig", "RunConfig", "load_run_config"]
+
+_OPTIMIZERS = ("adam", "sgd")
+_QUERY_ATTACK = ("meta", "adapted")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+
+
+@dataclass(frozen=True)
+class MetaConfig:
+    """Hyper-parameters of meta-adversarial training (one meta-step = sample tasks -> support/query ->
+    inner loop -> query loss -> outer update)."""
+
+    tasks_per_batch: int = 2  # tasks (attack types) sampled per meta-step
+    support_size: int = 32  # clean examples per task turned into its adversarial support set
+    query_size: int = 32  # clean examples per task turned into its adversarial query set (disjoint)
+    sample_replace: bool = False  # sample tasks with replacement (needed if tasks_per_batch > #types)
+    inner_steps: int = 1  # SGD steps of the inner loop on each task's support set
+    inner_lr: float = 0.01  # inner-loop learning rate
+    first_order: bool = False  # True: first-order MAML (inner gradients detached); False: exact second order
+    query_attack: str = "meta"  # craft query examples against "meta" (the meta-parameters) or "adapted" copies
+    clean_weight: float = 0.0  # fraction w of the query loss on clean examples: (1-w)*L_adv + w*L_clean
+    outer_optimizer: str = "adam"  # meta-optimizer: "adam" or "sgd" (momentum 0.9)
+    outer_lr: float = 1e-3  # meta learning rate
+    weight_decay: float = 0.0  # meta-optimizer weight decay
+    epochs: int = 3  # passes over the training data (one meta-step uses tasks*(support+query) examples)
+    steps: int | None = None  # if set, the number of meta-steps (overrides epochs)
+    device: str = "auto"  # "auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:1", ...
+    seed: int = 0  # seeds model-independent randomness: data order, task sampling, attack starts
+    log_every: int = 10  # log a line every this many meta-steps
+
+    def __post_init__(self) -> None:
+        for name in ("tasks_per_batch", "support_size", "query_size", "epochs", "log_every"):
+            self._require(name, _is_int(getattr(self, name)) and getattr(self, name) >= 1, "an integer >= 1")
+        self._require("inner_steps", _is_int(self.inner_steps) and self.inner_steps >= 0, "an integer >= 0")
+        self._require("steps", self.steps is None or (_is_int(self.steps) and self.steps >= 1), "None or >= 1")
+        self._require("seed", _is_int(self.seed) and self.seed >= 0, "an integer >= 0")
+        for name in ("inner_lr", "outer_lr"):
+            self._require(name, _is_num(getattr(self, name)) and getattr(self, name) > 0, "a number > 0")
+        self._require("weight_decay", _is_num(self.weight_decay) and self.weight_decay >= 0, "a number >= 0")
+        self._require("clean_weight", _is_num(self.clean_weight) and 0 <= self.clean_weight <= 1, "in [0, 1]")
+        for name in ("first_order", "sample_replace"):
+            self._require(name, isinstance(getattr(self, name), bool), "True or False")
+        self._require("outer_optimizer", self.outer_optimizer in _OPTIMIZERS, f"one of {_OPTIMIZERS}")
+        self._require("query_attack", self.query_attack in _QUERY_ATTACK, f"one of {_QUERY_ATTACK}")
+        self._require("device", isinstance(self.device, str) and self.device != "", "'auto', 'cpu' or 'cuda[:i]'")
+
+    def _require(self, name: str, ok: bool, allowed: str) -> None:
+        if not ok:
+            raise ValueError(f"MetaConfig.{name} must be {allowed}, got {getattr(self, name)!r}")
+
+    @property
+    def examples_per_step(self) -> int:
+        """Clean examples consumed by one meta-step."""
+        return self.tasks_per_batch * (self.support_size + self.query_size)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> MetaConfig:
+        """Build from a mapping, rejecting unknown keys by name."""
+        return cls(**_known_fields(cls, values, "meta"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _known_fields(cls: type, values: Any, section: str) -> dict[str, Any]:
+    if not isinstance(values, Mapping):
+        raise TypeError(f"config section {section!r} must be a mapping, got {type(values).__name__}")
+    allowed = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(str(k) for k in values if k not in allowed)
+    if unknown:
+        raise ValueError(f"unknown {section} option(s) {unknown}; allowed: {sorted(allowed)}")
+    return dict(values)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A whole run, as the CLI reads it from YAML or JSON (sections: data, model, tasks, meta, eval)."""
+
+    data: str = "mnist5k"  # dataset name for metaadv.data.load
+    data_root: str | None = None  # where torchvision datasets are stored
+    model: dict[str, Any] = field(default_factory=lambda: {"name": "SmallCNN"})  # class in metaadv.models + kwargs
+    tasks: dict[str, Any] = field(default_factory=dict)  # AttackDistribution kwargs: specs, weights, eps_ranges
+    meta: MetaConfig = field(default_factory=MetaConfig)  # the meta-training algorithm
+    eval: dict[str, Any] = field(default_factory=dict)  # metaadv.evaluate kwargs: attacks, n_examples, adapt_shots
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.data, str):
+            raise TypeError(f"data must be a dataset name, got {self.data!r}")
+        if not isinstance(self.model, Mapping) or not isinstance(self.model.get("name"), str):
+            raise ValueError(f"model must be a mapping with a 'name' (e.g. SmallCNN), got {self.model!r}")
+        specs = self.tasks.get("specs") if isinstance(self.tasks, Mapping) else None
+        if not isinstance(specs, list) or not specs:
+            raise ValueError(f"tasks.specs must be a non-empty list of attack specs, got {specs!r}")
+        extra = set(self.tasks) - {"specs", "weights", "eps_ranges", "seed"}
+        if extra:
+            raise ValueError(f"unknown tasks option(s) {sorted(extra)}; allowed: specs, weights, eps_ranges, seed")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> RunConfig:
+        fields = _known_fields(cls, values, "top-level")
+        fields["meta"] = MetaConfig.from_dict(fields.get("meta") or {})
+        for section in ("model", "tasks", "eval"):
+            if section in fields and not isinstance(fields[section], Mapping):
+                raise TypeError(f"config section {section!r} must be a mapping, got {fields[section]!r}")
+        return cls(**fields)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "meta": self.meta.to_dict()}
+
+
+def load_run_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> RunConfig:
+    """Read a RunConfig from a ``.yaml``/``.yml``/``.json`` file; ``overrides`` update the meta section."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            values = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML: {e}") from None
+    elif path.suffix == ".json":
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON: {e}") from None
+    else:
+        raise ValueError(f"config file must end in .yaml, .yml or .json, got {path.name}")
+    if not isinstance(values, Mapping):
+        raise ValueError(f"{path}: the top level must be a mapping of sections, got {type(values).__name__}")
+    if overrides:
+        values = {**values, "meta": {**(values.get("meta") or {}), **overrides}}
+    return RunConfig.from_dict(values)

@@ -1,0 +1,45 @@
+"""The model as (params, buffers) dicts evaluated with ``torch.func.functional_call``.
+
+A *functional copy* of a model is just a dict of parameter tensors: adapting it never touches the
+user's ``nn.Module``. Buffers (BatchNorm running statistics) are passed explicitly, so which forward
+pass may update them is always visible at the call site.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+from torch import Tensor, nn
+from torch.func import functional_call
+
+__all__ = ["ModelFn", "Params", "call", "clone_buffers", "detach", "model_fn", "state"]
+
+Params = dict[str, Tensor]
+ModelFn = Callable[[Tensor], Tensor]
+
+
+def state(model: nn.Module) -> tuple[Params, Params]:
+    """Return ``(params, buffers)``: the module's own tensors by name (not copies)."""
+    return dict(model.named_parameters()), dict(model.named_buffers())
+
+
+def clone_buffers(buffers: Mapping[str, Tensor]) -> Params:
+    """Scratch copies of the buffers: a training-mode forward may update them without leaking anywhere."""
+    return {k: v.clone() for k, v in buffers.items()}
+
+
+def detach(params: Mapping[str, Tensor]) -> Params:
+    """Detached views of a parameter dict (no gradient flows back through them)."""
+    return {k: v.detach() for k, v in params.items()}
+
+
+def call(model: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], x: Tensor) -> Tensor:
+    """Logits (B, K) of ``model`` at ``params``; a training-mode BatchNorm updates ``buffers`` in place."""
+    return functional_call(model, {**params, **buffers}, (x,))
+
+
+def model_fn(model: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor]) -> ModelFn:
+    """A callable ``x -> logits`` for attacks: detached params and scratch buffers, so crafting an attack
+    neither builds a graph to the parameters nor moves the running statistics."""
+    fixed, scratch = detach(params), clone_buffers(buffers)
+    return lambda x: call(model, fixed, scratch, x)

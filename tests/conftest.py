@@ -1,0 +1,50 @@
+"""Shared fixtures: a standard-trained (ERM) SmallCNN on mnist5k and 200 test digits (CPU, a few seconds)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from metaadv.data import load
+from metaadv.models import SmallCNN
+
+
+@pytest.fixture(scope="session")
+def mnist5k():
+    """(train, test) TensorDatasets of the embedded mnist5k digits: x (N, 1, 28, 28) in [0, 1], y (N,)."""
+    return load("mnist5k")
+
+
+@pytest.fixture(scope="session")
+def erm_model(mnist5k) -> SmallCNN:
+    """A SmallCNN trained normally (2 epochs, batch 128, Adam 1e-3, seed 0): ~95-97% clean test accuracy.
+
+    Returned in eval mode. Session-scoped and shared: tests must not change its mode or weights
+    (attack tests check that attacks do not).
+    """
+    train, _ = mnist5k
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = SmallCNN()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.train()
+    for _ in range(2):
+        for idx in torch.randperm(len(train.y), generator=gen).split(128):
+            loss = F.cross_entropy(model(train.x[idx]), train.y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+@pytest.fixture(scope="session")
+def mnist_batch(mnist5k) -> tuple[Tensor, Tensor]:
+    """The first 200 test digits: x (200, 1, 28, 28) in [0, 1], y (200,)."""
+    _, test = mnist5k
+    return test.x[:200].clone(), test.y[:200].clone()
