@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import inspect
+import re
 from pathlib import Path
 
 import metaadv
-from metaadv import attacks, baselines, data, evaluate, models, plots
+from metaadv import attacks, baselines, data, models, plots
 
 SECTIONS = [
     ("Training", [metaadv.meta_train, metaadv.MetaConfig, metaadv.TrainResult, metaadv.adapt]),
     ("Tasks", [metaadv.AttackDistribution, metaadv.AttackTask]),
     ("Attacks", [attacks.make, attacks.register, attacks.available, attacks.Attack]),
-    ("Evaluation", [evaluate.evaluate, evaluate.RobustnessReport]),
+    ("Evaluation", [metaadv.evaluate, metaadv.RobustnessReport]),
     ("Data and models", [data.load, data.TensorDataset, data.to_tensors, models.SmallCNN, models.build]),
     ("Baselines", [baselines.adversarial_train]),
     ("Plots", [plots.robustness_bars, plots.training_curves]),
@@ -22,9 +23,10 @@ SECTIONS = [
 
 def signature(obj: object) -> str:
     try:
-        return str(inspect.signature(obj))
+        text = str(inspect.signature(obj))
     except (TypeError, ValueError):
         return "(...)"
+    return re.sub(r"<function (\w+) at 0x[0-9a-f]+>", r"\1", text)  # stable across runs
 
 
 def render() -> str:

@@ -29,7 +29,7 @@ class SmallCNN(nn.Module):
         batch_norm: bool = True,
         *,
         image_size: int = 28,
-        hidden: int = 128,
+        hidden: int = 1024,
     ) -> None:
         super().__init__()
         if image_size % 4 != 0:

@@ -48,3 +48,13 @@ def mnist_batch(mnist5k) -> tuple[Tensor, Tensor]:
     """The first 200 test digits: x (200, 1, 28, 28) in [0, 1], y (200,)."""
     _, test = mnist5k
     return test.x[:200].clone(), test.y[:200].clone()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need CUDA: skip them (with the reason shown) on machines without it."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
