@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 import metaadv
-from metaadv import attacks, baselines, data, models, plots
+from metaadv import attacks, baselines, checkpoint, data, models, plots, trainer
 
 SECTIONS = [
     ("Training", [metaadv.meta_train, metaadv.MetaConfig, metaadv.TrainResult, metaadv.adapt]),
@@ -18,6 +18,19 @@ SECTIONS = [
     ("Baselines", [baselines.adversarial_train]),
     ("Plots", [plots.robustness_bars, plots.training_curves]),
     ("Run configs (CLI)", [metaadv.RunConfig, metaadv.load_run_config]),
+    (
+        "Checkpoints and long runs",
+        [
+            trainer.fit,
+            trainer.TrainingInterrupted,
+            trainer.NonFiniteLossError,
+            checkpoint.load_checkpoint,
+            checkpoint.latest_checkpoint,
+            checkpoint.save_checkpoint,
+            checkpoint.CheckpointError,
+            checkpoint.UnsafeCheckpointError,
+        ],
+    ),
 ]
 
 

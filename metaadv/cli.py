@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
-import os
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -14,31 +15,38 @@ from typing import Any
 import torch
 
 from . import __version__, data, models
+from .checkpoint import CheckpointError, UnsafeCheckpointError, environment, list_checkpoints, write_atomic
 from .config import RunConfig, load_run_config
 from .evaluate import evaluate
 from .tasks import AttackDistribution
-from .trainer import meta_train
+from .trainer import NonFiniteLossError, TrainingInterrupted, meta_train
 
 log = logging.getLogger("metaadv")
 
 
 def _write_atomic(path: Path, write: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    buffer = io.BytesIO()
+    write(buffer)
+    write_atomic(path, buffer.getvalue())
+
+
+def write_config(out: Path, cfg: RunConfig, **run: Any) -> None:
+    """Write ``config.json``: the resolved config plus a ``run`` section (versions, git commit, hardware, ``run``)."""
+    out.mkdir(parents=True, exist_ok=True)
+    info = {"metaadv": __version__, "torch": torch.__version__, "environment": environment(), **run}
+    _write_atomic(out / "config.json", lambda f: f.write(json.dumps({**cfg.to_dict(), "run": info}, indent=2).encode()))
+
+
+def write_history(out: Path, history: list[dict]) -> None:
+    lines = "".join(json.dumps(r) + "\n" for r in history)
+    _write_atomic(out / "history.jsonl", lambda f: f.write(lines.encode()))
 
 
 def save_run(out: Path, cfg: RunConfig, model: torch.nn.Module, history: list[dict], seconds: float) -> None:
-    """Write ``config.json`` (resolved), ``model.pt`` (state dict) and ``history.jsonl`` into ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {"metaadv": __version__, "torch": torch.__version__, "train_seconds": seconds}
-    _write_atomic(out / "config.json", lambda f: f.write(json.dumps({**cfg.to_dict(), "run": meta}, indent=2).encode()))
+    """Write ``config.json`` (resolved, with versions, git commit, hardware), ``model.pt`` and ``history.jsonl``."""
+    write_config(out, cfg, status="done", train_seconds=seconds)
     _write_atomic(out / "model.pt", lambda f: torch.save(model.state_dict(), f))
-    lines = "".join(json.dumps(r) + "\n" for r in history)
-    _write_atomic(out / "history.jsonl", lambda f: f.write(lines.encode()))
+    write_history(out, history)
 
 
 def load_run(checkpoint: Path) -> tuple[RunConfig, torch.nn.Module]:
@@ -46,25 +54,73 @@ def load_run(checkpoint: Path) -> tuple[RunConfig, torch.nn.Module]:
     cfg_path, weights = checkpoint / "config.json", checkpoint / "model.pt"
     if not cfg_path.is_file() or not weights.is_file():
         raise FileNotFoundError(f"{checkpoint} is not a metaadv run directory (needs config.json and model.pt)")
-    values = json.loads(cfg_path.read_text())
-    values.pop("run", None)
-    cfg = RunConfig.from_dict(values)
+    cfg = _read_run_config(cfg_path)
     model = models.build(cfg.model)
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    try:
+        weights_dict = torch.load(weights, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UnsafeCheckpointError(
+            f"refused to load {weights}: it contains pickled Python objects beyond tensors, which could run "
+            "code when loaded (torch.load weights_only=True rejected it). Only load files you trust."
+        ) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{weights} is not a readable model file: {e}") from None
+    try:
+        model.load_state_dict(weights_dict)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{weights} does not fit the model {cfg.model}: {e}") from None
     return cfg, model.eval()
+
+
+def _read_run_config(path: Path) -> RunConfig:
+    try:
+        values = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: the top level must be a mapping of sections")
+    values.pop("run", None)
+    return RunConfig.from_dict(values)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in {"epochs": args.epochs, "steps": args.steps, "device": args.device,
                                    "seed": args.seed}.items() if v is not None}  # fmt: skip
-    cfg = load_run_config(args.config, overrides)
+    out = Path(args.out)
+    if args.config is None:
+        if not args.resume:
+            raise ValueError("--config is required (it may be left out only with --resume)")
+        if not (out / "config.json").is_file():
+            raise FileNotFoundError(f"--resume without --config needs {out}/config.json from an earlier run")
+        cfg = _read_run_config(out / "config.json")
+        if overrides:
+            cfg = RunConfig.from_dict({**cfg.to_dict(), "meta": {**cfg.meta.to_dict(), **overrides}})
+    else:
+        cfg = load_run_config(args.config, overrides)
+    if not args.resume and list_checkpoints(out / "checkpoints"):
+        raise ValueError(f"{out} holds checkpoints of an earlier run: pass --resume to continue it, or another --out")
     train, _ = data.load(cfg.data, cfg.data_root)
     model = models.build(cfg.model)
     tasks = AttackDistribution(**cfg.tasks)
     print(f"meta-training {type(model).__name__} on {cfg.data} over {len(tasks)} attack types: "
           f"{', '.join(a.spec for a in tasks.types)}")  # fmt: skip
-    result = meta_train(model, train, tasks, cfg.meta, progress=not args.quiet)
-    out = Path(args.out)
+    if not (args.resume and (out / "config.json").is_file()):  # a resume rewrites it once the checkpoint matches
+        write_config(out, cfg, status="running")
+    try:
+        result = meta_train(
+            model, train, tasks, cfg.meta, progress=not args.quiet, checkpoint_dir=out / "checkpoints",
+            checkpoint_every=args.checkpoint_every, keep_last=args.keep_last, resume=args.resume,
+        )  # fmt: skip
+    except TrainingInterrupted as e:
+        write_history(out, e.history)
+        write_config(out, cfg, status=f"interrupted after step {e.step}")
+        print(f"metaadv train: {e}; continue with: metaadv train --out {out} --resume", file=sys.stderr)
+        return 128 + e.signum
+    except NonFiniteLossError as e:
+        write_history(out, e.history)
+        write_config(out, cfg, status="failed: non-finite loss")
+        print(f"metaadv train: error: {e}", file=sys.stderr)
+        return 1
     save_run(out, cfg, result.model, result.history, result.seconds)
     last = result.history[-1]
     print(f"done: {len(result.history)} meta-steps in {result.seconds:.1f}s, last meta-loss {last['loss']:.3f}")
@@ -100,8 +156,16 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="meta-train a model from a YAML/JSON run config")
-    t.add_argument("--config", required=True, help="run config (.yaml/.json), e.g. configs/mnist5k.yaml")
+    t.add_argument("--config", help="run config (.yaml/.json), e.g. configs/mnist5k.yaml")
     t.add_argument("--out", default="runs/latest", help="output directory (default: runs/latest)")
+    c = t.add_argument_group("checkpoints (in OUT/checkpoints; SIGTERM/SIGINT save one and exit)")
+    c.add_argument("--resume", action="store_true",
+                   help="continue from the newest good checkpoint in OUT (start if there is none); "
+                        "without --config, reuse OUT/config.json")  # fmt: skip
+    c.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, default=50, metavar="N",
+                   help="write a checkpoint every N meta-steps (default: 50)")  # fmt: skip
+    c.add_argument("--keep-last", dest="keep_last", type=int, default=3, metavar="K",
+                   help="checkpoint files to keep (default: 3)")  # fmt: skip
     g = t.add_argument_group("overrides of the config's meta section")
     g.add_argument("--epochs", type=int)
     g.add_argument("--steps", type=int)

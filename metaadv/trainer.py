@@ -1,14 +1,23 @@
-"""Training runs: the one epoch/step loop (data order, progress, logging, history) and ``meta_train``.
+"""Training runs: the one epoch/step loop (data order, progress, logging, history, checkpoints) and ``meta_train``.
 
-Methods differ only in their step function ``step(x, y) -> record``; baselines reuse ``fit``.
+Methods differ only in their step function ``step(x, y) -> record``; baselines reuse ``fit``. ``fit``
+owns everything a pre-empted run needs to continue exactly: periodic checkpoints (see ``checkpoint.py``),
+resume, SIGTERM/SIGINT handling, and the count of steps whose loss was not finite.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import math
+import os
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,6 +25,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from . import checkpoint as ckpt
 from .config import MetaConfig
 from .data import to_tensors
 from .functional import state
@@ -23,10 +33,21 @@ from .meta import meta_batch_loss
 from .tasks import AttackDistribution
 from .validation import check_labels, check_logits
 
-__all__ = ["TrainResult", "fit", "make_optimizer", "meta_train", "resolve_device"]
+__all__ = [
+    "NonFiniteLossError",
+    "TrainResult",
+    "TrainingInterrupted",
+    "fit",
+    "make_optimizer",
+    "meta_train",
+    "resolve_device",
+]
 
 log = logging.getLogger(__name__)
 StepFn = Callable[[Tensor, Tensor], dict[str, Any]]
+
+# MetaConfig fields a resumed run may change: they do not alter the steps already taken.
+RESUMABLE_CHANGES = ("steps", "epochs", "log_every", "device", "max_bad_steps")
 
 
 @dataclass
@@ -35,7 +56,24 @@ class TrainResult:
 
     model: nn.Module
     history: list[dict[str, Any]] = field(default_factory=list)  # per step: step, epoch, seconds, loss, ...
-    seconds: float = 0.0  # wall-clock of the whole run
+    seconds: float = 0.0  # wall-clock of the whole run (all resumed segments together)
+
+
+class TrainingInterrupted(Exception):
+    """SIGTERM or SIGINT stopped training at a step boundary (after saving a checkpoint, if a directory was set)."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None, history: list[dict[str, Any]]) -> None:
+        self.signum, self.step, self.checkpoint, self.history = signum, step, checkpoint, history
+        saved = f"checkpoint saved to {checkpoint}" if checkpoint else "no checkpoint directory, nothing saved"
+        super().__init__(f"interrupted by {signal.Signals(signum).name} after step {step}; {saved}")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Too many consecutive steps had a non-finite loss or gradient; training stopped."""
+
+    def __init__(self, message: str, history: list[dict[str, Any]]) -> None:
+        super().__init__(message)
+        self.history = history
 
 
 def resolve_device(name: str) -> torch.device:
@@ -66,11 +104,73 @@ def training_tensors(model: nn.Module, data: Dataset | tuple[Tensor, Tensor], de
     x, y = x.to(device), y.to(device)
     was_training = model.training
     model.eval()  # an eval-mode probe leaves BatchNorm statistics untouched
-    with torch.no_grad():
-        logits = check_logits(model(x[:2]), min(2, len(x)))
-    model.train(was_training)
+    try:
+        with torch.no_grad():
+            out = model(x[:2])
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ValueError(
+            f"the model failed on a batch of training images of shape {tuple(x[:2].shape)} "
+            f"(dtype {x.dtype}, device {x.device}): {type(e).__name__}: {e}"
+        ) from e
+    finally:
+        model.train(was_training)
+    logits = check_logits(out, min(2, len(x)))
+    if logits.shape[1] < 2:
+        raise ValueError(f"model output must be logits of shape (batch, num_classes >= 2), got {tuple(logits.shape)}")
     check_labels(y, len(x), logits.shape[1], "training labels")
     return x, y
+
+
+class _StopOnSignal:
+    """SIGTERM/SIGINT set a flag that the loop checks at each step boundary; a second signal stops at once.
+
+    Handlers are installed only in the main thread (Python's rule) and the previous ones restored on exit.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping without a checkpoint")
+        self.signum = signum
+        log.warning("received %s: stopping after this step", signal.Signals(signum).name)
+
+    @contextlib.contextmanager
+    def installed(self, enabled: bool) -> Iterator[_StopOnSignal]:
+        if enabled and threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self.previous[s] = signal.signal(s, self._handle)
+        try:
+            yield self
+        finally:
+            for s, handler in self.previous.items():
+                signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+            self.previous.clear()
+
+
+def _check_fit_options(checkpoint_dir: Any, checkpoint_every: Any, keep_last: Any, resume: Any, max_bad: Any) -> None:
+    for name, value in (("checkpoint_every", checkpoint_every), ("keep_last", keep_last)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if max_bad is not None and (isinstance(max_bad, bool) or not isinstance(max_bad, int) or max_bad < 1):
+        raise ValueError(f"max_bad_steps must be None or an integer >= 1, got {max_bad!r}")
+    if not isinstance(resume, (bool, str, os.PathLike)):
+        raise TypeError(f"resume must be True/False or a checkpoint file path, got {type(resume).__name__}")
+    if resume is True and checkpoint_dir is None:
+        raise ValueError("resume=True needs checkpoint_dir (the directory to resume from)")
+
+
+def _config_differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
+    if isinstance(saved, dict) and isinstance(current, dict):
+        out = []
+        for key in sorted(set(saved) | set(current), key=str):
+            out += _config_differences(saved.get(key), current.get(key), f"{prefix}{key}.")
+        return out
+    return [] if saved == current else [f"{prefix.rstrip('.')}: checkpoint {saved!r}, now {current!r}"]
 
 
 def fit(
@@ -86,38 +186,215 @@ def fit(
     log_every: int = 10,
     progress: bool = True,
     desc: str = "train",
+    state: Mapping[str, Any] | None = None,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 50,
+    keep_last: int = 3,
+    resume: bool | str | Path = False,
+    max_bad_steps: int | None = None,
+    config: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     """Run ``step`` over shuffled batches of ``(x, y)`` for ``steps`` (or ``epochs`` full passes).
 
     Each batch holds ``batch_size`` examples; the last incomplete batch of an epoch is dropped. The data
     order comes from a generator seeded with ``seed``; the model is in training mode during the run
     and in eval mode afterwards.
+
+    Checkpoints and resume:
+        state: named objects with ``state_dict()``/``load_state_dict()`` saved in every checkpoint
+            besides the model (optimizer, scheduler, samplers, ``checkpoint.GeneratorState(g)``, ...).
+        checkpoint_dir: write a checkpoint every ``checkpoint_every`` steps, at the last step and when
+            SIGTERM/SIGINT arrives (then ``TrainingInterrupted`` is raised after saving). ``None``: no
+            checkpoints and default signal handling.
+        keep_last: how many checkpoint files to keep.
+        resume: ``True`` continues from the newest good checkpoint in ``checkpoint_dir`` (starting
+            afresh if there is none); a path continues from that file. Restores model, ``state``, data
+            order, global RNG states (torch, CUDA, numpy, random) and history, so the run continues
+            bit for bit as if never stopped (same machine and thread count).
+        config: JSON-serializable description of the run, saved in each checkpoint; a resume with a
+            different one is refused with ``CheckpointError`` naming the differences.
+
+    Non-finite steps: a step whose record has ``skipped=True`` or a non-finite ``loss`` is counted
+    (``bad_steps`` in every record) and logged; after ``max_bad_steps`` consecutive ones,
+    ``NonFiniteLossError`` is raised. Skipping the update is the step function's job (``meta_train`` does).
     """
+    _check_fit_options(checkpoint_dir, checkpoint_every, keep_last, resume, max_bad_steps)
     per_epoch = len(x) // batch_size
     if per_epoch == 0:
         raise ValueError(f"one step needs {batch_size} examples but the training set has only {len(x)}")
+    if checkpoint_dir is not None and resume is False and (existing := ckpt.list_checkpoints(checkpoint_dir)):
+        raise ckpt.CheckpointError(
+            f"{checkpoint_dir} already holds checkpoints of a run (newest: {existing[-1].name}); pass resume=True "
+            "to continue it, or use an empty directory (nothing was overwritten)"
+        )
     total = steps if steps is not None else epochs * per_epoch
+    stateful = {"model": model, **(state or {})}
+    config_json = json.loads(json.dumps(dict(config or {})))  # normalized (tuples -> lists) for comparison
+    loop_identity = {"batch_size": batch_size, "seed": seed, "n_examples": len(x)}
+    env = ckpt.environment() if checkpoint_dir is not None else {}
     g = torch.Generator().manual_seed(seed)
     history: list[dict[str, Any]] = []
-    model.train()
+    history_lines: list[str] = []  # one JSON line per record, encoded once (checkpoints hold them all)
+    done, bad_streak, bad_total, elapsed_before = 0, 0, 0, 0.0
+    order: Tensor | None = None
+    rng_to_restore = None
+
+    if resume is not False:
+        found = _load_for_resume(resume, checkpoint_dir)
+        if found is not None:
+            path, payload = found
+            _check_same_run(path, payload, config_json, loop_identity)
+            _load_state(path, payload, stateful)
+            loop = payload["loop"]
+            g.set_state(loop["generator"])
+            order = loop["order"]
+            done, bad_streak, bad_total = payload["step"], loop["bad_streak"], loop["bad_total"]
+            elapsed_before = float(loop["elapsed"])
+            history_lines = [ln for ln in payload["history"].split("\n") if ln]
+            history = [json.loads(ln) for ln in history_lines]
+            rng_to_restore = payload["rng"]
+            log.info("%s: resumed from %s at step %d/%d", desc, path, done, total)
+    if checkpoint_dir is not None:
+        ckpt.remove_stale_temporaries(checkpoint_dir)
+    if order is None:
+        order = torch.randperm(len(x), generator=g)
+    if rng_to_restore is not None:
+        ckpt.restore_rng(rng_to_restore)  # last: nothing after this point may draw random numbers before the loop
+
     start = time.perf_counter()
-    bar = tqdm(total=total, desc=desc, disable=not progress or None, leave=False)
-    order = torch.randperm(len(x), generator=g)
-    for i in range(total):
-        epoch, pos = divmod(i, per_epoch)
-        if pos == 0 and i > 0:
-            order = torch.randperm(len(x), generator=g)
-        idx = order[pos * batch_size : (pos + 1) * batch_size].to(x.device)
-        record = step(x[idx], y[idx])
-        record = {"step": i + 1, "epoch": epoch, **record, "seconds": time.perf_counter() - start}
-        history.append(record)
-        bar.update(1)
-        bar.set_postfix(loss=f"{record['loss']:.3f}")
-        if (i + 1) % log_every == 0 or i + 1 == total:
-            log.info("%s step %d/%d loss %.4f (%.1fs)", desc, i + 1, total, record["loss"], record["seconds"])
-    bar.close()
+
+    def elapsed() -> float:
+        return elapsed_before + time.perf_counter() - start
+
+    def save(steps_done: int) -> Path:
+        payload = {
+            "state": {name: obj.state_dict() for name, obj in stateful.items()},
+            "loop": {
+                "order": order,
+                "generator": g.get_state(),
+                "bad_streak": bad_streak,
+                "bad_total": bad_total,
+                "elapsed": elapsed(),
+                **loop_identity,
+            },
+            "rng": ckpt.capture_rng(),
+            "history": "\n".join(history_lines),
+            "config": json.dumps(config_json),
+            "environment": json.dumps(env),
+        }
+        return ckpt.save_checkpoint(checkpoint_dir, payload, step=steps_done, keep_last=keep_last)  # type: ignore[arg-type]
+
+    model.train()
+    bar = tqdm(total=total, initial=min(done, total), desc=desc, disable=not progress or None, leave=False)
+    stopper = _StopOnSignal()
+    last_saved: tuple[int, Path | None] = (done, None)  # (step, file) of the newest checkpoint written here
+    try:
+        with stopper.installed(checkpoint_dir is not None):
+            for i in range(done, total):
+                epoch, pos = divmod(i, per_epoch)
+                if pos == 0 and i > 0:
+                    order = torch.randperm(len(x), generator=g)
+                idx = order[pos * batch_size : (pos + 1) * batch_size].to(x.device)
+                record = step(x[idx], y[idx])
+                bad = bool(record.get("skipped", False)) or not math.isfinite(record["loss"])
+                bad_streak = bad_streak + 1 if bad else 0
+                bad_total += bad
+                record = {"step": i + 1, "epoch": epoch, **record, "bad_steps": bad_total, "seconds": elapsed()}
+                history.append(record)
+                history_lines.append(json.dumps(record))
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.3f}")
+                if bad:
+                    log.warning(
+                        "%s step %d: non-finite loss or gradient (loss %s)%s; %d in a row, %d in total",
+                        desc, i + 1, record["loss"], ", update skipped" if record.get("skipped") else "",
+                        bad_streak, bad_total,
+                    )  # fmt: skip
+                    if max_bad_steps is not None and bad_streak >= max_bad_steps:
+                        raise NonFiniteLossError(
+                            f"{desc} stopped at step {i + 1}: {bad_streak} consecutive steps had a non-finite loss "
+                            f"or gradient (max_bad_steps={max_bad_steps}). Their updates were skipped, so the model "
+                            f"holds the parameters after step {i + 1 - bad_streak}. Usual causes: a learning rate "
+                            "too high (outer_lr, inner_lr), an attack producing NaN, or a model whose logits overflow.",
+                            history,
+                        )
+                if (i + 1) % log_every == 0 or i + 1 == total:
+                    log.info("%s step %d/%d loss %.4f (%.1fs)", desc, i + 1, total, record["loss"], record["seconds"])
+                if checkpoint_dir is not None and ((i + 1) % checkpoint_every == 0 or i + 1 == total):
+                    last_saved = (i + 1, save(i + 1))
+                if stopper.signum is not None:
+                    path = None
+                    if checkpoint_dir is not None:
+                        path = last_saved[1] if last_saved[0] == i + 1 else save(i + 1)
+                    raise TrainingInterrupted(stopper.signum, i + 1, path, history)
+    finally:
+        bar.close()
     model.eval()
-    return TrainResult(model=model, history=history, seconds=time.perf_counter() - start)
+    return TrainResult(model=model, history=history, seconds=elapsed())
+
+
+def _load_for_resume(resume: bool | str | Path, directory: str | Path | None) -> tuple[Path, dict[str, Any]] | None:
+    if resume is True:
+        found = ckpt.latest_checkpoint(directory)  # type: ignore[arg-type]
+        if found is None:
+            log.info("no checkpoint in %s yet: starting from step 0", directory)
+        return found
+    return Path(resume), ckpt.load_checkpoint(resume)  # type: ignore[arg-type]
+
+
+def _check_same_run(path: Path, payload: dict[str, Any], config: Any, loop_identity: dict[str, Any]) -> None:
+    missing = {"state", "loop", "rng", "history", "config"} - set(payload)
+    if missing:
+        raise ckpt.CheckpointError(f"{path} lacks {sorted(missing)}: not a training checkpoint")
+    saved = {k: payload["loop"].get(k) for k in loop_identity}
+    diffs = _config_differences(json.loads(payload["config"]), config) + _config_differences(saved, loop_identity)
+    if diffs:
+        raise ckpt.CheckpointError(
+            f"cannot resume from {path}: the run differs from the one that wrote it ({'; '.join(diffs)}). "
+            "Resume with the same settings, or start a new run in another directory."
+        )
+
+
+def _load_state(path: Path, payload: dict[str, Any], stateful: Mapping[str, Any]) -> None:
+    saved = payload["state"]
+    missing = sorted(set(stateful) - set(saved))
+    if missing:
+        raise ckpt.CheckpointError(f"{path} has no saved state for {missing} (it holds {sorted(saved)})")
+    for name, obj in stateful.items():
+        try:
+            obj.load_state_dict(saved[name])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise ckpt.CheckpointError(f"{path}: the saved {name!r} state does not fit this run: {e}") from None
+    extra = sorted(set(saved) - set(stateful))
+    if extra:
+        log.warning("%s holds state for %s that this run does not use; ignored", path, extra)
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool) -> Iterator[None]:
+    """Inside: deterministic cuDNN/cuBLAS kernels (GPU runs repeat exactly); the previous flags are restored after.
+
+    Sets ``torch.use_deterministic_algorithms(True, warn_only=True)`` (an op without a deterministic
+    kernel warns instead of failing), ``cudnn.deterministic=True``, ``cudnn.benchmark=False`` and, if
+    unset, ``CUBLAS_WORKSPACE_CONFIG=:4096:8``. CPU runs are deterministic without it.
+    """
+    if not enabled:
+        yield
+        return
+    previous = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+    )
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = previous[2], previous[3]
 
 
 def meta_train(
@@ -127,6 +404,10 @@ def meta_train(
     config: MetaConfig | None = None,
     *,
     progress: bool = True,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 50,
+    keep_last: int = 3,
+    resume: bool | str | Path = False,
 ) -> TrainResult:
     """Meta-adversarial training: MAML over the attack types of ``tasks``.
 
@@ -136,11 +417,25 @@ def meta_train(
         tasks: the task distribution p(T).
         config: the algorithm's hyper-parameters (default ``MetaConfig()``).
         progress: show a progress bar (on a terminal).
+        checkpoint_dir: directory for checkpoints (``None``: none). A checkpoint holds the model's
+            parameters and buffers, the optimizer, the task sampler, the data order, all RNG states,
+            the history, the config and versions; it is written every ``checkpoint_every`` meta-steps,
+            at the end, and on SIGTERM/SIGINT (which then raise ``TrainingInterrupted``).
+        keep_last: checkpoint files kept (older ones are deleted).
+        resume: ``True``: continue from the newest good checkpoint in ``checkpoint_dir`` (or start if
+            there is none); a path: continue from that file. The result equals an uninterrupted run.
 
     Returns:
         ``TrainResult`` with ``.model`` (the same module, meta-parameters loaded, in eval mode) and
         ``.history``: per meta-step ``loss`` (the meta-loss), ``task_names``, ``task_specs``,
-        ``query_loss`` and ``query_acc`` (per task, adversarial query set after adaptation), ``seconds``.
+        ``query_loss`` and ``query_acc`` (per task, adversarial query set after adaptation),
+        ``grad_norm`` (of the meta-gradient), ``skipped`` (True if the loss or gradient was not finite
+        and the update was skipped), ``bad_steps`` (skipped so far), ``seconds``.
+
+    Raises:
+        NonFiniteLossError: ``config.max_bad_steps`` consecutive meta-steps were skipped.
+        TrainingInterrupted: SIGTERM/SIGINT arrived while checkpointing was on (a checkpoint was saved).
+        CheckpointError: a resume from a checkpoint of another run, or no usable checkpoint.
     """
     config = config if config is not None else MetaConfig()
     if not isinstance(config, MetaConfig):
@@ -154,8 +449,9 @@ def meta_train(
             f"MetaConfig.tasks_per_batch={config.tasks_per_batch} exceeds the {len(tasks)} attack types; "
             "set sample_replace=True or sample fewer tasks"
         )
+    _check_fit_options(checkpoint_dir, checkpoint_every, keep_last, resume, config.max_bad_steps)
     device = resolve_device(config.device)
-    torch.manual_seed(config.seed)  # attack random starts
+    torch.manual_seed(config.seed)  # attack random starts (a resume restores the saved RNG state later)
     model.to(device)
     x, y = training_tensors(model, train_data, device)
     params, buffers = state(model)
@@ -163,22 +459,48 @@ def meta_train(
     task_rng = torch.Generator().manual_seed(config.seed + 1)
 
     def step(xb: Tensor, yb: Tensor) -> dict[str, Any]:
+        before = {k: b.clone() for k, b in buffers.items()}  # put back if the step is skipped
         batch = tasks.sample(config.tasks_per_batch, replace=config.sample_replace, generator=task_rng)
         out = meta_batch_loss(model, params, buffers, batch, xb, yb, config)
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
-        optimizer.step()
-        stats = torch.stack([out.loss.detach(), *out.query_loss, *out.query_acc]).tolist()  # one host sync
+        grads = [p.grad for p in params.values() if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=device)
+        stats = torch.stack([out.loss.detach(), grad_norm, *out.query_loss, *out.query_acc]).tolist()  # one sync
+        skipped = not (math.isfinite(stats[0]) and math.isfinite(stats[1]))
+        if skipped:  # the meta-parameters, optimizer state and BatchNorm statistics stay as they were
+            optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for k, b in buffers.items():
+                    b.copy_(before[k])
+        else:
+            optimizer.step()
         n = len(batch)
         return {
             "loss": stats[0],
             "task_names": list(out.task_names),
             "task_specs": list(out.task_specs),
-            "query_loss": stats[1 : 1 + n],
-            "query_acc": stats[1 + n :],
+            "query_loss": stats[2 : 2 + n],
+            "query_acc": stats[2 + n :],
+            "grad_norm": stats[1],
+            "skipped": skipped,
         }
 
-    return fit(
-        model, x, y, step, batch_size=config.examples_per_step, epochs=config.epochs, steps=config.steps,
-        seed=config.seed, log_every=config.log_every, progress=progress, desc="meta-train",
-    )  # fmt: skip
+    run = {
+        "method": "meta_train",
+        "meta": {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES},
+        "tasks": {
+            "specs": [a.spec for a in tasks.types],
+            "weights": tasks.weights.tolist(),
+            "eps_ranges": [list(r) if r else None for r in tasks.eps_ranges],
+        },
+        "model": type(model).__name__,
+    }
+    extra = {"optimizer": optimizer, "task_rng": ckpt.GeneratorState(task_rng), "tasks": tasks}
+    with deterministic_algorithms(config.deterministic):
+        return fit(
+            model, x, y, step, batch_size=config.examples_per_step, epochs=config.epochs, steps=config.steps,
+            seed=config.seed, log_every=config.log_every, progress=progress, desc="meta-train", state=extra,
+            checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, keep_last=keep_last, resume=resume,
+            max_bad_steps=config.max_bad_steps, config=run,
+        )  # fmt: skip
