@@ -1,0 +1,159 @@
+"""Regenerate every benchmark figure from the JSON results, and nothing else.
+
+    python benchmarks/plots.py                                    # all result folders -> docs/figures/
+    python benchmarks/plots.py benchmarks/results/linf_heldout --out docs/figures
+
+Figures per protocol folder: held-out accuracy per attack per method (grouped bars), robust accuracy vs
+eps, held-out union vs training wall-clock, few-shot adaptation (union vs shots, fine-tuning and
+test-time BN), and meta-training curves. Method colors are fixed across all figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+import metaadv as ma
+
+ROOT = Path(__file__).resolve().parents[1]
+COLORS = {  # one color per method, the same in every figure
+    "erm": "#7f7f7f", "pgd_at": "#1f77b4", "fast_at": "#17becf", "trades": "#9467bd", "avg": "#2ca02c",
+    "max": "#bcbd22", "msd": "#8c564b", "meta_fo": "#ff7f0e", "meta_so": "#d62728",
+}  # fmt: skip
+WIDTH = (7.5, 3.6)
+
+
+def load(folder: Path) -> dict[str, list[dict]]:
+    runs: dict[str, list[dict]] = defaultdict(list)
+    for path in sorted(folder.glob("*_seed*.json")):
+        record = json.loads(path.read_text())
+        runs[record["method"]].append(record)
+    return dict(runs)
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return 100 * statistics.mean(values), 100 * statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def short(spec: str) -> str:
+    name, _, rest = spec.partition("(")
+    eps = [kv for kv in rest.rstrip(")").split(", ") if kv.startswith("eps=")]
+    return f"{name.replace('torchattacks:', 'ta:')}\n{eps[0] if eps else ''}"
+
+
+def heldout_bars(runs: dict[str, list[dict]], ax: plt.Axes) -> None:
+    attacks = next(iter(runs.values()))[0]["heldout"]["attacks"]
+    groups = ["clean", *attacks, "union"]
+    width = 0.8 / len(runs)
+    for i, (method, rs) in enumerate(runs.items()):
+        vals = [[r["heldout"]["clean_acc"] for r in rs]]
+        vals += [[r["heldout"]["per_attack"][a] for r in rs] for a in attacks]
+        vals += [[r["heldout"]["union_acc"] for r in rs]]
+        stats = [mean_std(v) for v in vals]
+        xs = [g + (i - (len(runs) - 1) / 2) * width for g in range(len(groups))]
+        ax.bar(xs, [m for m, _ in stats], width, yerr=[s for _, s in stats], color=COLORS.get(method), label=method,
+               capsize=1.5)  # fmt: skip
+    ax.set_xticks(range(len(groups)), ["clean", *map(short, attacks), "union"], fontsize=6)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=6, ncol=min(len(runs), 5))
+
+
+def eps_curves(runs: dict[str, list[dict]], fig: plt.Figure) -> None:
+    families = list(next(iter(runs.values()))[0]["sanity"]["eps_sweep"])
+    axes = fig.subplots(1, max(1, len(families)), squeeze=False)[0]
+    for ax, family in zip(axes, families, strict=False):
+        for method, rs in runs.items():
+            eps = rs[0]["sanity"]["eps_sweep"][family]["eps"]
+            stats = [mean_std([r["sanity"]["eps_sweep"][family]["acc"][j] for r in rs]) for j in range(len(eps))]
+            ax.errorbar(eps, [m for m, _ in stats], [s for _, s in stats], color=COLORS.get(method), label=method,
+                        marker="o", ms=3)  # fmt: skip
+        ax.set_xlabel(f"eps ({family}, [0,1] pixel scale)")
+        ax.set_ylabel("accuracy (%)")
+    axes[0].legend(fontsize=6)
+
+
+def cost_benefit(runs: dict[str, list[dict]], ax: plt.Axes) -> None:
+    for method, rs in runs.items():
+        t = [r["train_seconds"] for r in rs]
+        m, s = mean_std([r["heldout"]["union_acc"] for r in rs])
+        ax.errorbar(statistics.mean(t), m, yerr=s, xerr=statistics.stdev(t) if len(t) > 1 else 0, fmt="o",
+                    color=COLORS.get(method), label=method)  # fmt: skip
+    ax.set_xlabel("training wall-clock (s)")
+    ax.set_ylabel("held-out union accuracy (%)")
+    ax.legend(fontsize=6)
+
+
+def few_shot(runs: dict[str, list[dict]], fig: plt.Figure) -> None:
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, how in zip(axes, ("sgd", "bn"), strict=True):
+        for method, rs in runs.items():
+            shots = sorted(int(s) for s in rs[0]["adapted"])
+            xs = [0, *shots]
+            stats = [mean_std([r["heldout"]["union_acc"] for r in rs])]
+            stats += [mean_std([r["adapted"][str(s)]["adapted_union"][how] for r in rs]) for s in shots]
+            ax.errorbar(xs, [m for m, _ in stats], [s for _, s in stats], color=COLORS.get(method), label=method,
+                        marker="o", ms=3)  # fmt: skip
+        ax.set_title({"sgd": "fine-tuning (SGD)", "bn": "test-time BN statistics"}[how], fontsize=8)
+        ax.set_xlabel("adaptation shots (0 = zero-shot)")
+    axes[0].set_ylabel("held-out union accuracy (%)")
+    axes[0].legend(fontsize=6)
+
+
+def plot_folder(folder: Path, out: Path) -> list[Path]:
+    runs = load(folder)
+    if not runs:
+        return []
+    out.mkdir(parents=True, exist_ok=True)
+    name = folder.name
+    written = []
+
+    def save(fig: plt.Figure, kind: str, title: str) -> None:
+        fig.suptitle(f"{name}: {title}", fontsize=9)
+        fig.tight_layout()
+        path = out / f"{name}_{kind}.png"
+        fig.savefig(path, dpi=130)
+        plt.close(fig)
+        written.append(path)
+
+    fig, ax = plt.subplots(figsize=WIDTH)
+    heldout_bars(runs, ax)
+    save(fig, "heldout", "accuracy under held-out attacks (mean ± std over seeds)")
+    if next(iter(runs.values()))[0]["sanity"]["eps_sweep"]:
+        fig = plt.figure(figsize=WIDTH)
+        eps_curves(runs, fig)
+        save(fig, "eps", "robust accuracy vs eps (white-box PGD-20)")
+    fig, ax = plt.subplots(figsize=WIDTH)
+    cost_benefit(runs, ax)
+    save(fig, "cost", "held-out union accuracy vs training time")
+    fig = plt.figure(figsize=WIDTH)
+    few_shot(runs, fig)
+    save(fig, "fewshot", "few-shot adaptation to held-out attacks (attack re-run on the adapted model)")
+    for method in ("meta_so", "meta_fo"):
+        if method in runs:
+            fig = ma.plots.training_curves(runs[method][0]["history"])
+            save(fig, f"{method}_training", f"{method} meta-training (seed {runs[method][0]['seed']})")
+    return written
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("folders", nargs="*", type=Path, help="result folders (default: benchmarks/results/*/)")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "figures")
+    args = p.parse_args()
+    folders = args.folders or sorted(d for d in (ROOT / "benchmarks" / "results").iterdir() if d.is_dir())
+    for folder in folders:
+        for path in plot_folder(folder, args.out):
+            print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
