@@ -64,8 +64,8 @@ class CheckpointWarning(UserWarning):
     """A corrupted checkpoint was skipped in favour of an older one."""
 
 
-def write_atomic(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix.
+def write_atomic(path: str | Path, data: bytes | memoryview | list[bytes | memoryview]) -> None:
+    """Write ``data`` (bytes, or a list of chunks) to ``path`` so readers see the old file or the new one, never a mix.
 
     Writes a temporary file in the same directory, fsyncs it, renames it over ``path`` and fsyncs the
     directory (so the rename itself survives a power loss).
@@ -74,7 +74,8 @@ def write_atomic(path: str | Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            for chunk in data if isinstance(data, list) else [data]:
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -98,10 +99,14 @@ def _fsync_dir(directory: Path) -> None:
 
 def encode(payload: Mapping[str, Any]) -> bytes:
     """The bytes of a checkpoint file holding ``payload``."""
+    return b"".join(_encode_chunks(payload))
+
+
+def _encode_chunks(payload: Mapping[str, Any]) -> list[bytes | memoryview]:
     buffer = io.BytesIO()
     torch.save(dict(payload), buffer)
-    body = buffer.getvalue()
-    return _MAGIC + b"sha256 " + hashlib.sha256(body).hexdigest().encode() + b"\n" + body
+    body = buffer.getbuffer()  # no copy of a payload that may be hundreds of MB
+    return [_MAGIC + b"sha256 " + hashlib.sha256(body).hexdigest().encode() + b"\n", body]
 
 
 def decode(data: bytes, source: str = "checkpoint") -> dict[str, Any]:
@@ -147,7 +152,7 @@ def save_checkpoint(directory: str | Path, payload: Mapping[str, Any], *, step: 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"ckpt-{step:08d}.pt"
-    write_atomic(path, encode({**payload, "format": FORMAT, "step": step}))
+    write_atomic(path, _encode_chunks({**payload, "format": FORMAT, "step": step}))
     for old in list_checkpoints(directory)[:-keep_last]:
         old.unlink(missing_ok=True)
     return path
