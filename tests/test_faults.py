@@ -260,3 +260,14 @@ def test_fuzzed_training_data_only_raise_documented_errors(shape, dtype, fill, l
     model = SmallCNN(hidden=4)
     with contextlib.suppress(ValueError, TypeError):
         training_tensors(model, (x, y), torch.device("cpu"))
+
+
+all_meta_fields = st.sampled_from([*ma.MetaConfig.__dataclass_fields__, "max_bad_stepz"])
+values = st.none() | st.booleans() | st.integers(-3, 10**12) | st.floats() | st.text(max_size=6) | st.lists(st.none())
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(all_meta_fields, values, max_size=5))
+def test_fuzzed_meta_configs_over_every_field_only_raise_documented_errors(fields):
+    with contextlib.suppress(ValueError, TypeError):
+        ma.MetaConfig.from_dict(fields)
