@@ -12,6 +12,7 @@ loop, ``steepest.py``), cw_l2 and deepfool (``minimum_norm.py``).
 
 from . import minimum_norm, simple, steepest, torchattacks_adapter  # noqa: F401  (register the attacks)
 from .minimum_norm import cw_l2, deepfool
+from .msd import msd
 from .norms import L1, L2, Linf, LpNorm, project_l1
 from .registry import available, register
 from .simple import noise, none
@@ -32,6 +33,7 @@ __all__ = [
     "fgsm_rs",
     "make",
     "mifgsm",
+    "msd",
     "noise",
     "none",
     "parse",
