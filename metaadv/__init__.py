@@ -6,21 +6,26 @@ report = ma.evaluate(result.model, test, ["pgd_l2(eps=2.0)"], adapt_shots=32)
 """
 
 from . import attacks, baselines, data, models, plots
+from .checkpoint import CheckpointError, UnsafeCheckpointError
 from .config import MetaConfig, RunConfig, load_run_config
 from .evaluate import RobustnessReport, evaluate
 from .inner import adapt
 from .tasks import AttackDistribution, AttackTask
-from .trainer import TrainResult, meta_train
+from .trainer import NonFiniteLossError, TrainingInterrupted, TrainResult, meta_train
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AttackDistribution",
     "AttackTask",
+    "CheckpointError",
     "MetaConfig",
+    "NonFiniteLossError",
     "RobustnessReport",
     "RunConfig",
     "TrainResult",
+    "TrainingInterrupted",
+    "UnsafeCheckpointError",
     "__version__",
     "adapt",
     "attacks",

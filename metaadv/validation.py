@@ -16,6 +16,8 @@ def check_images(x: object, name: str = "x") -> Tensor:
         raise ValueError(f"{name} must have shape (B, C, H, W), got shape {tuple(x.shape)}")
     if x.shape[0] == 0:
         raise ValueError(f"{name} is an empty batch (shape {tuple(x.shape)})")
+    if x.numel() == 0:
+        raise ValueError(f"{name} has no pixels (shape {tuple(x.shape)}); images need C, H, W >= 1")
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or infinite values; images must be finite and in [0, 1]")
     lo, hi = float(x.min()), float(x.max())

@@ -9,7 +9,7 @@ import logging
 
 import pytest
 import torch
-from hypothesis import assume, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.utils.data import Dataset
@@ -232,11 +232,6 @@ def test_deterministic_mode_restores_the_global_flags():
     assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark) == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="validation.check_images calls x.min() on a 4-D tensor with no pixels and torch raises RuntimeError; "
-    "it needs an x.numel() == 0 check (remove this marker once it has one)",
-)
 def test_images_with_an_empty_dimension_are_refused_by_name():
     with pytest.raises(ValueError, match=r"\(16, 1, 0, 28\)"):
         meta(SmallCNN(hidden=8), (torch.rand(16, 1, 0, 28), torch.zeros(16, dtype=torch.long)))
@@ -251,7 +246,6 @@ fills = st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from([0.0, 0
 @given(shapes, dtypes, fills, st.lists(st.integers(0, 4), max_size=2), st.sampled_from([torch.int64, torch.float32]))
 def test_fuzzed_training_data_only_raise_documented_errors(shape, dtype, fill, label_shape, label_dtype):
     """Any images/labels reach training only if valid; otherwise ValueError or TypeError, never a torch error."""
-    assume(not (len(shape) == 4 and shape[0] > 0 and 0 in shape[1:]))  # the xfail above
     try:
         x = torch.full(shape, fill).to(dtype)
     except (OverflowError, RuntimeError):  # values the dtype cannot hold: no such tensor to pass
