@@ -100,6 +100,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not args.resume and list_checkpoints(out / "checkpoints"):
         raise ValueError(f"{out} holds checkpoints of an earlier run: pass --resume to continue it, or another --out")
     train, _ = data.load(cfg.data, cfg.data_root)
+    torch.manual_seed(cfg.meta.seed)  # the initialization is part of the run: same config, same weights
     model = models.build(cfg.model)
     tasks = AttackDistribution(**cfg.tasks)
     print(f"meta-training {type(model).__name__} on {cfg.data} over {len(tasks)} attack types: "

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from metaadv.cli import main
 
@@ -54,6 +55,18 @@ def test_cli_trains_then_evaluates_a_run_directory(tmp_path, capsys):
     assert "fgsm(eps=0.1)" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     assert report["n_examples"] == 20
+
+
+def test_cli_runs_with_the_same_config_give_the_same_weights(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "tasks: {specs: ['fgsm(eps=0.3)']}\nmodel: {name: SmallCNN, hidden: 16}\n"
+        "meta: {tasks_per_batch: 1, support_size: 8, query_size: 8, seed: 3}\n"
+    )
+    for name in ("a", "b"):
+        assert main(["train", "--config", str(config), "--out", str(tmp_path / name), "--steps", "2", "--quiet"]) == 0
+    a, b = (torch.load(tmp_path / n / "model.pt", weights_only=True) for n in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_cli_reports_user_errors_without_a_traceback(tmp_path):
