@@ -17,6 +17,7 @@ model's current mode (training mode inside ``fit``); TRADES crafts in eval mode,
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,7 +28,7 @@ from torch.utils.data import Dataset
 from .attacks import Attack, make
 from .attacks.norms import L1, NORMS, per_example
 from .functional import model_fn, state
-from .trainer import TrainResult, fit, make_optimizer, resolve_device, training_tensors
+from .trainer import TrainResult, fit, make_optimizer, resolve_device, training_tensors, update_if_finite
 
 __all__ = ["METHODS", "adversarial_loss", "adversarial_train", "training_attacks"]
 
@@ -161,8 +162,14 @@ def adversarial_train(
     device: str = "auto",
     seed: int = 0,
     progress: bool = True,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 50,
+    keep_last: int = 3,
+    resume: bool | str | Path = False,
+    max_bad_steps: int | None = 5,
 ) -> TrainResult:
-    """Train ``model`` in place with a baseline method; returns ``TrainResult`` (history has ``loss``).
+    """Train ``model`` in place with a baseline method; returns ``TrainResult`` (history: ``loss``,
+    ``grad_norm``, ``skipped``, ``bad_steps`` per step).
 
     ``method`` and its ``attacks``:
         ``"erm"``: none. ``"pgd_at"``: exactly one. ``"fast_at"``: one ``fgsm_rs`` (Wong et al. 2020).
@@ -174,6 +181,10 @@ def adversarial_train(
         TRADES's KL ascent (e.g. ``"pgd_linf(eps=0.3, steps=10)"``); crafted in eval mode.
     ``clean_weight`` w mixes the loss as ``(1-w) * L_adv + w * L_clean`` (not for ``"trades"``, whose
     clean term is built in). ``beta``: TRADES's weight of the KL term (default 6.0, the paper's 1/lambda).
+
+    ``checkpoint_dir``, ``checkpoint_every``, ``keep_last``, ``resume`` and ``max_bad_steps`` work as in
+    ``meta_train``: exact resume after an interruption, and a step with a non-finite loss or gradient is
+    skipped (``max_bad_steps`` consecutive ones raise ``NonFiniteLossError``).
     """
     resolved = training_attacks(method, attacks)
     if not 0 <= clean_weight <= 1:
@@ -187,17 +198,20 @@ def adversarial_train(
     model.to(dev)
     x, y = training_tensors(model, train_data, dev)
     opt = make_optimizer(model.parameters(), optimizer, lr)
+    params, buffers = state(model)
 
     def step(xb: Tensor, yb: Tensor) -> dict[str, Any]:
+        before = {k: b.clone() for k, b in buffers.items()}  # put back if the step is skipped
         loss = adversarial_loss(model, resolved, xb, yb, method, beta=beta).mean()
         if clean_weight > 0 and method != "erm":
             loss = (1 - clean_weight) * loss + clean_weight * F.cross_entropy(model(xb), yb)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return {"loss": loss.item()}
+        (value, grad_norm), skipped = update_if_finite(opt, loss, params.values(), buffers, before)
+        return {"loss": value, "grad_norm": grad_norm, "skipped": skipped}
 
+    run = {"method": method, "attacks": [a.spec for a in resolved], "clean_weight": clean_weight, "beta": beta,
+           "optimizer": optimizer, "lr": lr, "model": type(model).__name__}  # fmt: skip
     return fit(
         model, x, y, step, batch_size=batch_size, epochs=epochs, steps=steps, seed=seed, progress=progress,
-        desc=method,
+        desc=method, state={"optimizer": opt}, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+        keep_last=keep_last, resume=resume, max_bad_steps=max_bad_steps, config=run,
     )  # fmt: skip

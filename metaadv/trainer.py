@@ -15,7 +15,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ __all__ = [
     "make_optimizer",
     "meta_train",
     "resolve_device",
+    "update_if_finite",
 ]
 
 log = logging.getLogger(__name__)
@@ -397,6 +398,36 @@ def deterministic_algorithms(enabled: bool) -> Iterator[None]:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = previous[2], previous[3]
 
 
+def update_if_finite(
+    optimizer: torch.optim.Optimizer,
+    loss: Tensor,
+    params: Iterable[Tensor],
+    buffers: Mapping[str, Tensor],
+    before: Mapping[str, Tensor],
+    extra: Sequence[Tensor] = (),
+) -> tuple[list[float], bool]:
+    """Back-propagate ``loss`` and step ``optimizer`` only if the loss and the gradient norm are finite.
+
+    Otherwise the gradients are dropped and ``buffers`` (BatchNorm statistics) are restored from
+    ``before``, so a bad step changes nothing. Returns ``([loss, grad_norm, *extra], skipped)`` read
+    from the device in one host sync (``extra``: scalar tensors to log with the step).
+    """
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    norms = [torch.linalg.vector_norm(p.grad) for p in params if p.grad is not None]
+    grad_norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros((), device=loss.device)
+    stats = torch.stack([loss.detach(), grad_norm, *extra]).tolist()
+    skipped = not (math.isfinite(stats[0]) and math.isfinite(stats[1]))
+    if skipped:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for k, b in buffers.items():
+                b.copy_(before[k])
+    else:
+        optimizer.step()
+    return stats, skipped
+
+
 def meta_train(
     model: nn.Module,
     train_data: Dataset | tuple[Tensor, Tensor],
@@ -462,19 +493,8 @@ def meta_train(
         before = {k: b.clone() for k, b in buffers.items()}  # put back if the step is skipped
         batch = tasks.sample(config.tasks_per_batch, replace=config.sample_replace, generator=task_rng)
         out = meta_batch_loss(model, params, buffers, batch, xb, yb, config)
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        grads = [p.grad for p in params.values() if p.grad is not None]
-        grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=device)
-        stats = torch.stack([out.loss.detach(), grad_norm, *out.query_loss, *out.query_acc]).tolist()  # one sync
-        skipped = not (math.isfinite(stats[0]) and math.isfinite(stats[1]))
-        if skipped:  # the meta-parameters, optimizer state and BatchNorm statistics stay as they were
-            optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                for k, b in buffers.items():
-                    b.copy_(before[k])
-        else:
-            optimizer.step()
+        stats, skipped = update_if_finite(optimizer, out.loss, params.values(), buffers, before,
+                                          extra=[*out.query_loss, *out.query_acc])  # fmt: skip
         n = len(batch)
         return {
             "loss": stats[0],

@@ -221,3 +221,35 @@ def test_msd_without_any_ball_raises(digits):
     attack = A.make("msd(eps_linf=None, eps_l2=None, eps_l1=None)")
     with pytest.raises(ValueError, match="at least one of eps_linf"):
         attack(SmallCNN(hidden=32), digits[0][:4], digits[1][:4])
+
+
+def test_baselines_skip_non_finite_steps_and_stop_after_max_bad_steps():
+    from metaadv.trainer import NonFiniteLossError
+
+    torch.manual_seed(0)
+    model = SmallCNN(hidden=16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.head[-1].weight.register_hook(lambda g: torch.full_like(g, float("nan")))
+    x, y = torch.rand(64, 1, 28, 28), torch.randint(0, 10, (64,))
+    with pytest.raises(NonFiniteLossError) as info:
+        adversarial_train(model, (x, y), ["fgsm(eps=0.3)"], steps=5, batch_size=16, max_bad_steps=2, progress=False)
+    assert [r["skipped"] for r in info.value.history] == [True, True]
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_resumed_baseline_run_equals_an_uninterrupted_one(tmp_path):
+    x, y = torch.rand(96, 1, 28, 28), torch.randint(0, 10, (96,))
+
+    def run(steps, **kwargs):
+        torch.manual_seed(0)
+        model = SmallCNN(hidden=16)
+        result = adversarial_train(model, (x, y), ["pgd_linf(eps=0.3, steps=2)"], steps=steps, batch_size=32,
+                                   progress=False, **kwargs)  # fmt: skip
+        return model.state_dict(), result.history
+
+    straight, _ = run(5)
+    _, first = run(2, checkpoint_dir=tmp_path, checkpoint_every=1)
+    resumed, history = run(5, checkpoint_dir=tmp_path, checkpoint_every=1, resume=True)
+    assert history[:2] == first, "steps 1-2 come from the checkpoint (their timings too), not a rerun"
+    assert [r["step"] for r in history] == [1, 2, 3, 4, 5]
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
