@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 
 from .attacks import Attack, make
 from .attacks.norms import L1, NORMS, per_example
-from .functional import model_fn, state
+from .functional import eval_mode, model_fn, state
 from .trainer import TrainResult, fit, make_optimizer, resolve_device, training_tensors, update_if_finite
 
 __all__ = ["METHODS", "adversarial_loss", "adversarial_train", "training_attacks"]
@@ -112,13 +112,8 @@ def trades_loss(model: nn.Module, attack: Attack, x: Tensor, y: Tensor, beta: fl
     separately, and the gradient flows through both sides of the KL, as in the reference.
     """
     params, buffers = state(model)
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
+    with eval_mode(model):
         x_adv = _kl_ascent(model_fn(model, params, buffers), x, attack)
-    finally:
-        for m, training in modes:  # each submodule's own mode, as it was
-            m.training = training
     logits = model(x)  # (B, K)
     log_p, log_q = F.log_softmax(logits, dim=1), F.log_softmax(model(x_adv), dim=1)
     kl = (log_p.exp() * (log_p - log_q)).sum(1)  # (B,)

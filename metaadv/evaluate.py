@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from . import attacks as _attacks
 from .data import to_tensors
-from .functional import ModelFn, Params, call, clone_buffers, detach, model_fn, state
+from .functional import ModelFn, Params, call, clone_buffers, detach, eval_mode, model_fn, state
 from .inner import adapt
 from .validation import check_images, check_labels, check_logits, check_positive
 
@@ -168,37 +168,31 @@ def evaluate(
     x, y = x_all[eval_idx].to(dev, dtype), y_all[eval_idx].to(dev)  # (n, C, H, W), (n,)
     x_s, y_s = x_all[support_idx].to(dev, dtype), y_all[support_idx].to(dev)  # (adapt_shots, C, H, W)
 
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
     cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    try:
-        with torch.random.fork_rng(devices=cuda):  # attacks are seeded; the caller's RNG is left alone
-            fn = model_fn(model, params, buffers)
-            with torch.no_grad():
-                n_out = check_logits(fn(x[:1]), 1).shape[1]
-            check_labels(y_all, len(y_all), n_out, "data labels")
-            runs = len(atks) * (1 + (len(methods) if adapt_shots else 0))
-            with tqdm(total=runs, desc="evaluate", disable=not progress) as bar:
-                clean = _correct(fn, x, y, batch_size)
-                masks = {}
-                for spec, atk in atks.items():
-                    masks[spec] = _attack_correct(atk, spec, fn, x, y, batch_size, seed)
-                    logger.info("%s: %.1f%% (clean %.1f%%)", spec, _acc(masks[spec]), _acc(clean))
-                    bar.update()
-                adapted, adapted_clean, survive = {}, {}, {}
-                if adapt_shots:
-                    opts = {
-                        "steps": adapt_steps,
-                        "lr": adapt_lr,
-                        "momentum": bn_momentum,
-                        "batch_size": batch_size,
-                    }
-                    adapted, adapted_clean, survive = _adapted_results(
-                        model, params, buffers, atks, methods, (x, y), (x_s, y_s), seed, opts, bar
-                    )
-    finally:
-        for m, training in modes:
-            m.training = training
+    with eval_mode(model), torch.random.fork_rng(devices=cuda):  # attacks are seeded; the caller's RNG is left alone
+        fn = model_fn(model, params, buffers)
+        with torch.no_grad():
+            n_out = check_logits(fn(x[:1]), 1).shape[1]
+        check_labels(y_all, len(y_all), n_out, "data labels")
+        runs = len(atks) * (1 + (len(methods) if adapt_shots else 0))
+        with tqdm(total=runs, desc="evaluate", disable=not progress) as bar:
+            clean = _correct(fn, x, y, batch_size)
+            masks = {}
+            for spec, atk in atks.items():
+                masks[spec] = _attack_correct(atk, spec, fn, x, y, batch_size, seed)
+                logger.info("%s: %.1f%% (clean %.1f%%)", spec, _acc(masks[spec]), _acc(clean))
+                bar.update()
+            adapted, adapted_clean, survive = {}, {}, {}
+            if adapt_shots:
+                opts = {
+                    "steps": adapt_steps,
+                    "lr": adapt_lr,
+                    "momentum": bn_momentum,
+                    "batch_size": batch_size,
+                }
+                adapted, adapted_clean, survive = _adapted_results(
+                    model, params, buffers, atks, methods, (x, y), (x_s, y_s), seed, opts, bar
+                )
 
     union = clean.clone()
     for mask in masks.values():

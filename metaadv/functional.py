@@ -7,12 +7,13 @@ pass may update them is always visible at the call site.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 
 from torch import Tensor, nn
 from torch.func import functional_call
 
-__all__ = ["ModelFn", "Params", "call", "clone_buffers", "detach", "model_fn", "state"]
+__all__ = ["ModelFn", "Params", "call", "clone_buffers", "detach", "eval_mode", "model_fn", "state"]
 
 Params = dict[str, Tensor]
 ModelFn = Callable[[Tensor], Tensor]
@@ -43,3 +44,15 @@ def model_fn(model: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[st
     neither builds a graph to the parameters nor moves the running statistics."""
     fixed, scratch = detach(params), clone_buffers(buffers)
     return lambda x: call(model, fixed, scratch, x)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the block with ``model`` in eval mode; afterwards every submodule has its own train/eval flag back."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
