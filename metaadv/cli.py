@@ -16,7 +16,7 @@ import torch
 
 from . import __version__, data, models
 from .checkpoint import CheckpointError, UnsafeCheckpointError, environment, list_checkpoints, write_atomic
-from .config import RunConfig, load_run_config
+from .config import RunConfig, load_run_config, read_config_file, run_config_from
 from .evaluate import evaluate
 from .tasks import AttackDistribution
 from .trainer import NonFiniteLossError, TrainingInterrupted, meta_train
@@ -72,15 +72,11 @@ def load_run(checkpoint: Path) -> tuple[RunConfig, torch.nn.Module]:
     return cfg, model.eval()
 
 
-def _read_run_config(path: Path) -> RunConfig:
-    try:
-        values = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON: {e}") from None
-    if not isinstance(values, dict):
-        raise ValueError(f"{path}: the top level must be a mapping of sections")
+def _read_run_config(path: Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """The RunConfig of a run directory's ``config.json`` (without its ``run`` provenance section)."""
+    values = read_config_file(path)
     values.pop("run", None)
-    return RunConfig.from_dict(values)
+    return run_config_from(values, overrides)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -92,9 +88,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ValueError("--config is required (it may be left out only with --resume)")
         if not (out / "config.json").is_file():
             raise FileNotFoundError(f"--resume without --config needs {out}/config.json from an earlier run")
-        cfg = _read_run_config(out / "config.json")
-        if overrides:
-            cfg = RunConfig.from_dict({**cfg.to_dict(), "meta": {**cfg.meta.to_dict(), **overrides}})
+        cfg = _read_run_config(out / "config.json", overrides)
     else:
         cfg = load_run_config(args.config, overrides)
     if not args.resume and list_checkpoints(out / "checkpoints"):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MetaConfig", "RunConfig", "load_run_config"]
+__all__ = ["MetaConfig", "RunConfig", "load_run_config", "read_config_file", "run_config_from"]
 
 _OPTIMIZERS = ("adam", "sgd")
 _QUERY_ATTACK = ("meta", "adapted")
@@ -131,8 +131,8 @@ class RunConfig:
         return {**dataclasses.asdict(self), "meta": self.meta.to_dict()}
 
 
-def load_run_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> RunConfig:
-    """Read a RunConfig from a ``.yaml``/``.yml``/``.json`` file; ``overrides`` update the meta section."""
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The top-level mapping of a ``.yaml``/``.yml``/``.json`` config file; ValueError if it is not one."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
@@ -153,6 +153,16 @@ def load_run_config(path: str | Path, overrides: Mapping[str, Any] | None = None
         raise ValueError(f"config file must end in .yaml, .yml or .json, got {path.name}")
     if not isinstance(values, Mapping):
         raise ValueError(f"{path}: the top level must be a mapping of sections, got {type(values).__name__}")
+    return dict(values)
+
+
+def run_config_from(values: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> RunConfig:
+    """A RunConfig from config sections; ``overrides`` update the meta section."""
     if overrides:
         values = {**values, "meta": {**(values.get("meta") or {}), **overrides}}
     return RunConfig.from_dict(values)
+
+
+def load_run_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> RunConfig:
+    """Read a RunConfig from a ``.yaml``/``.yml``/``.json`` file; ``overrides`` update the meta section."""
+    return run_config_from(read_config_file(path), overrides)
