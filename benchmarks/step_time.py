@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
+from speed import time_side_by_side  # benchmarks/speed.py: the one interleaved timing loop
 
 import metaadv as ma
 from metaadv.baselines import adversarial_loss
@@ -61,22 +60,8 @@ def main() -> None:
         loss.backward()
         opt.step()
 
-    def timed(fn) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-
-    for fn in (meta_step, at_step, meta_step, at_step):  # warm-up
-        fn()
-    times: dict[str, list[float]] = {"meta": [], "pgd_at": []}
-    for _ in range(args.repeats):
-        times["meta"].append(timed(meta_step))
-        times["pgd_at"].append(timed(at_step))
-    med = {k: statistics.median(v) for k, v in times.items()}
+    meta_step(), at_step()  # a first warm-up; time_side_by_side adds one more, then interleaves
+    med = time_side_by_side({"meta": meta_step, "pgd_at": at_step}, args.repeats, device)
     result = {
         "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "tasks": args.tasks, "shots": args.shots, "attack": attack.spec, "examples": n,
