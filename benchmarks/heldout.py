@@ -4,23 +4,28 @@ trained on, and at what cost, compared with the methods users would pick instead
     python benchmarks/heldout.py --quick                                   # smoke: minutes on 2 CPU cores
     python benchmarks/heldout.py --protocol benchmarks/protocols/linf_heldout.yaml --seeds 0 1 2
     python benchmarks/heldout.py --protocol ... --data mnist --device cuda  # same script, full data, GPU
+    python benchmarks/heldout.py --protocol ... --device cuda --jobs 12     # runs in parallel processes
 
 Every method trains the same model on the same data for the same number of epochs; its wall-clock is
 recorded. Each trained model is then attacked white-box in eval mode (held-out attacks, the training
 attacks, an eps sweep), adapted few-shot with fine-tuning ("sgd") and test-time BatchNorm statistics
 ("bn") with the attack re-run against the adapted model, and checked for the sanity conditions of
-Carlini et al. 2019. One JSON per (method, seed) goes to --out; a markdown summary is printed and saved.
+Carlini et al. 2019. One JSON per (method, seed) goes to --out; a markdown summary of every JSON in
+--out is printed and saved. A run whose JSON exists is skipped, so an interrupted benchmark resumes
+where it stopped (--overwrite reruns it).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -65,11 +70,19 @@ def load_protocol(path: Path, quick: bool) -> dict[str, Any]:
 
 
 def git_commit() -> str | None:
+    """HEAD of this checkout, or $METAADV_GIT_COMMIT where the tree was copied without its .git."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
         return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return None
+        return os.environ.get("METAADV_GIT_COMMIT")
+
+
+def hardware(model: torch.nn.Module) -> dict[str, Any]:
+    device = next(model.parameters()).device
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return {"device": str(device), "gpu": gpu, "cpu": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "threads": torch.get_num_threads()}  # fmt: skip
 
 
 def train(method: str, protocol: dict, train_data, seed: int, device: str) -> ma.TrainResult:
@@ -135,8 +148,7 @@ def run_one(method: str, protocol: dict, seed: int, device: str, out: Path) -> d
                     for r in result.history],
         "config": protocol, "versions": {"metaadv": ma.__version__, "torch": torch.__version__,
                                          "python": platform.python_version()},
-        "git_commit": git_commit(), "hardware": {"device": device, "cpu": platform.processor() or platform.machine(),
-                                                 "threads": torch.get_num_threads()},
+        "git_commit": git_commit(), "hardware": hardware(model),
     }  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{method}_seed{seed}.json").write_text(json.dumps(record, indent=1))
@@ -175,6 +187,35 @@ def summarize(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def load_records(out: Path) -> list[dict[str, Any]]:
+    """Every run's JSON in ``out``, ordered by seed, then method."""
+    records = [json.loads(f.read_text()) for f in sorted(out.glob("*_seed*.json"))]
+    return sorted(records, key=lambda r: (r["seed"], r["config"]["methods"].index(r["method"])
+                                          if r["method"] in r["config"]["methods"] else 99))  # fmt: skip
+
+
+def run_parallel(args: argparse.Namespace, runs: list[tuple[int, str]], out: Path) -> None:
+    """One subprocess per (seed, method), ``args.jobs`` at a time, CPU threads shared among them."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.jobs))}
+    base = [sys.executable, __file__, "--protocol", str(args.protocol), "--device", args.device, "--out", str(out)]
+    base += ["--no-summary", *(["--quick"] if args.quick else []), *(["--data", args.data] if args.data else [])]
+    base += ["--overwrite"] if args.overwrite else []
+    start = time.perf_counter()
+
+    def one(run: tuple[int, str]) -> int:
+        seed, method = run
+        proc = subprocess.run([*base, "--seeds", str(seed), "--methods", method], env=env, capture_output=True,
+                              text=True)  # fmt: skip
+        tail = (proc.stdout.strip().splitlines() or [""])[-1] if proc.returncode == 0 else proc.stderr[-2000:]
+        print(f"[{time.perf_counter() - start:7.0f}s] {method} seed {seed}: {tail}", flush=True)
+        return proc.returncode
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        failed = [run for run, rc in zip(runs, pool.map(one, runs), strict=True) if rc != 0]
+    if failed:
+        raise SystemExit(f"{len(failed)} runs failed: {failed}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--protocol", type=Path, default=DEFAULT_PROTOCOL, help="a YAML protocol (benchmarks/protocols)")
@@ -184,23 +225,34 @@ def main() -> None:
     p.add_argument("--data", help="override the protocol's dataset (e.g. mnist, with torchvision)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", type=Path, help="default: benchmarks/results/<protocol>[_quick]")
+    p.add_argument("--jobs", type=int, default=1, help="(seed, method) runs in parallel processes")
+    p.add_argument("--overwrite", action="store_true", help="rerun runs whose JSON already exists")
+    p.add_argument("--no-summary", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {args.jobs}")
     protocol = load_protocol(args.protocol, args.quick)
     if args.data:
         protocol["data"] = args.data
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
     methods = args.methods or protocol["methods"]
     out = args.out or ROOT / "benchmarks" / "results" / (protocol["name"] + ("_quick" if args.quick else ""))
-    records, start = [], time.perf_counter()
-    for seed in seeds:
-        for method in methods:
-            t = time.perf_counter()
-            records.append(run_one(method, protocol, seed, args.device, out))
-            r = records[-1]
-            print(f"[{time.perf_counter() - start:7.0f}s] {method} seed {seed}: held-out union "
-                  f"{r['heldout']['union_acc']:.1%}, clean {r['heldout']['clean_acc']:.1%}, "
-                  f"train {r['train_seconds']:.0f}s (run {time.perf_counter() - t:.0f}s)", flush=True)  # fmt: skip
-    table = summarize(records)
+    runs = [(s, m) for s in seeds for m in methods if args.overwrite or not (out / f"{m}_seed{s}.json").exists()]
+    if len(runs) < len(seeds) * len(methods):
+        print(f"{len(seeds) * len(methods) - len(runs)} runs already in {out}: skipped (--overwrite reruns them)")
+    if args.jobs > 1 and len(runs) > 1:
+        run_parallel(args, runs, out)
+        runs = []
+    start = time.perf_counter()
+    for seed, method in runs:
+        t = time.perf_counter()
+        r = run_one(method, protocol, seed, args.device, out)
+        print(f"[{time.perf_counter() - start:7.0f}s] {method} seed {seed}: held-out union "
+              f"{r['heldout']['union_acc']:.1%}, clean {r['heldout']['clean_acc']:.1%}, "
+              f"train {r['train_seconds']:.0f}s (run {time.perf_counter() - t:.0f}s)", flush=True)  # fmt: skip
+    if args.no_summary:
+        return
+    table = summarize(load_records(out))
     (out / "summary.md").write_text(f"# {protocol['name']}\n\n{table}\n")
     print(f"\n{table}\n\nwrote {out}/*.json and summary.md")
 
