@@ -72,12 +72,14 @@ def load_protocol(path: Path, quick: bool) -> dict[str, Any]:
 
 
 def git_commit() -> str | None:
-    """HEAD of this checkout, or $METAADV_GIT_COMMIT where the tree was copied without its .git."""
+    """$METAADV_GIT_COMMIT if set (a tree copied to another machine may carry a stale .git), else HEAD."""
+    if os.environ.get("METAADV_GIT_COMMIT"):
+        return os.environ["METAADV_GIT_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
         return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("METAADV_GIT_COMMIT")
+        return None
 
 
 def hardware(model: torch.nn.Module) -> dict[str, Any]:

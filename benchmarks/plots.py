@@ -32,11 +32,13 @@ WIDTH = (7.5, 3.6)
 
 
 def load(folder: Path) -> dict[str, list[dict]]:
+    """method -> its runs (ordered by seed), methods in the protocol's order."""
     runs: dict[str, list[dict]] = defaultdict(list)
-    for path in sorted(folder.glob("*_seed*.json")):
-        record = json.loads(path.read_text())
+    records = [json.loads(path.read_text()) for path in sorted(folder.glob("*_seed*.json"))]
+    for record in sorted(records, key=lambda r: r["seed"]):
         runs[record["method"]].append(record)
-    return dict(runs)
+    order = records[0]["config"]["methods"] if records else []
+    return dict(sorted(runs.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

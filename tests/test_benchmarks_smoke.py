@@ -35,6 +35,7 @@ def test_heldout_pipeline_writes_results_summary_and_figures(tmp_path):
 
     table = heldout.summarize(records)
     assert all(m in table for m in ("erm", "pgd_at", "meta_so")) and "held-out union" in table
+    assert [r["method"] for r in heldout.load_records(tmp_path)] == ["erm", "pgd_at", "meta_so"]  # protocol order
 
     written = plots.plot_folder(tmp_path, tmp_path / "figures")
     kinds = {p.stem.removeprefix(tmp_path.name + "_") for p in written}
@@ -49,3 +50,14 @@ def test_every_shipped_protocol_loads_and_names_valid_attacks():
         assert not set(protocol["train_attacks"]) & set(protocol["held_out"]), (
             f"{path.name}: held-out attack trained on"
         )
+
+
+def test_committed_full_results_cover_three_seeds_and_pass_the_sanity_checks():
+    """The numbers in docs/benchmarks.md come from these files."""
+    for name in ("linf_heldout", "leave_out_linf", "leave_out_l2", "leave_out_l1"):
+        records = heldout.load_records(ROOT / "benchmarks" / "results" / name)
+        methods = records[0]["config"]["methods"]
+        assert {(r["method"], r["seed"]) for r in records} == {(m, s) for m in methods for s in (0, 1, 2)}, name
+        for r in records:
+            assert r["sanity"]["warnings"] == [] and r["sanity"]["unbounded_acc"] <= 0.05, (name, r["method"])
+            assert r["heldout"]["n_examples"] == 500 and set(r["adapted"]) == {"8", "32", "128"}
