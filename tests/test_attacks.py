@@ -36,6 +36,7 @@ BOUNDED = [
     ("deepfool(eps={}, steps=3)", "l2"),
 ]
 ALL_NATIVE = ["none", *(t.format(EPS[n][1]) for t, n in BOUNDED), "cw_l2(steps=5)", "deepfool(steps=3)"]
+ALL_NATIVE += ["spatial(steps=2)", "spatial_grid(n=2)", "color(eps=0.3, steps=2)", "l0(k=5, steps=2)"]
 
 
 def lp_norm(d: torch.Tensor, norm: str) -> torch.Tensor:

@@ -6,20 +6,23 @@
     x_adv = attack(model, x, y, eps=eps_per_example)  # per-example (B,) eps for one call
     A.available()                                     # registered names; A.register adds your own
 
-Native attacks: none, noise, fgsm, fgsm_rs, pgd_linf, pgd_l2, pgd_l1, mifgsm (one steepest-ascent
-loop, ``steepest.py``), cw_l2 and deepfool (``minimum_norm.py``).
+Native attacks: none, noise, fgsm, fgsm_rs, pgd_linf, pgd_l2, pgd_l1, mifgsm, l0 (one steepest-ascent
+loop, ``steepest.py``), cw_l2 and deepfool (``minimum_norm.py``), and threat models outside the Lp
+balls: spatial, spatial_grid and color (one loop over transform parameters, ``transforms.py``).
 """
 
-from . import minimum_norm, simple, steepest, torchattacks_adapter  # noqa: F401  (register the attacks)
+from . import minimum_norm, simple, steepest, torchattacks_adapter, transforms  # noqa: F401  (register them)
 from .minimum_norm import cw_l2, deepfool
 from .msd import msd
-from .norms import L1, L2, Linf, LpNorm, project_l1
+from .norms import L0, L1, L2, Linf, LpNorm, project_l1
 from .registry import available, register
 from .simple import noise, none
 from .spec import Attack, ModelFn, make, parse
-from .steepest import fgsm, fgsm_rs, mifgsm, pgd_l1, pgd_l2, pgd_linf, steepest_ascent
+from .steepest import fgsm, fgsm_rs, l0, mifgsm, pgd_l1, pgd_l2, pgd_linf, steepest_ascent
+from .transforms import box_ascent, color, spatial, spatial_grid
 
 __all__ = [
+    "L0",
     "L1",
     "L2",
     "Attack",
@@ -27,10 +30,13 @@ __all__ = [
     "LpNorm",
     "ModelFn",
     "available",
+    "box_ascent",
+    "color",
     "cw_l2",
     "deepfool",
     "fgsm",
     "fgsm_rs",
+    "l0",
     "make",
     "mifgsm",
     "msd",
@@ -42,5 +48,7 @@ __all__ = [
     "pgd_linf",
     "project_l1",
     "register",
+    "spatial",
+    "spatial_grid",
     "steepest_ascent",
 ]

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["L1", "L2", "NORMS", "Linf", "LpNorm", "per_example", "project_l1"]
+__all__ = ["L0", "L1", "L2", "NORMS", "Linf", "LpNorm", "per_example", "project_l1"]
 
 
 def per_example(value: float | Tensor, x: Tensor) -> Tensor:
@@ -161,6 +161,33 @@ def project_l1(delta: Tensor, eps: Tensor) -> Tensor:
     theta = (css.gather(1, rho - 1) - r) / rho.to(work)
     w = v.sign() * (a - theta).clamp_min(0.0)
     return torch.where(inside, v, w).to(delta.dtype).view_as(delta)
+
+
+@dataclasses.dataclass(frozen=True)
+class L0(LpNorm):
+    """L0 over pixels: at most ``eps`` pixel locations change (all channels of a pixel count as one).
+
+    A step moves every coordinate by ``alpha`` times its gradient divided by the example's largest
+    |gradient| (so the steepest coordinate moves ``alpha``); the projection keeps the ``eps`` pixels
+    whose perturbation is largest (summed over channels), as projected PGD-L0 (Croce & Hein 2019).
+    """
+
+    name: str = "l0"
+
+    def norm(self, v: Tensor) -> Tensor:
+        return (v.abs().sum(dim=1).flatten(1) > 0).sum(dim=1).to(v.dtype)
+
+    def step(self, grad: Tensor, alpha: Tensor, x_cur: Tensor) -> Tensor:
+        return alpha * grad / _flat(grad).abs().amax(dim=1).clamp_min(1e-12).view_as(alpha)
+
+    def project(self, delta: Tensor, eps: Tensor) -> Tensor:
+        score = delta.abs().sum(dim=1).flatten(1)  # (B, H*W)
+        rank = score.argsort(dim=1, descending=True).argsort(dim=1)
+        keep = (rank < eps.reshape(-1, 1)) & (score > 0)
+        return delta.clamp(-1, 1) * keep.view(delta.shape[0], 1, *delta.shape[2:]).to(delta.dtype)
+
+    def uniform(self, like: Tensor, eps: Tensor) -> Tensor:
+        return self.project(2 * torch.rand_like(like) - 1, eps)  # random values at eps random pixels
 
 
 NORMS: dict[str, LpNorm] = {"linf": Linf(), "l2": L2(), "l1": L1()}

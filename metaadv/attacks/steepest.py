@@ -1,4 +1,4 @@
-"""The one steepest-ascent loop and its configurations: fgsm, fgsm_rs, pgd_linf, pgd_l2, pgd_l1, mifgsm.
+"""The one steepest-ascent loop and its configurations: fgsm, fgsm_rs, pgd_linf, pgd_l2, pgd_l1, mifgsm, l0.
 
 All take images in [0, 1] (B, C, H, W), labels (B,), maximize the cross-entropy (untargeted) and
 return x_adv inside the eps ball of their norm and inside [0, 1]. ``eps`` (and ``alpha``) may be a
@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .norms import L1, NORMS, LpNorm, per_example
+from .norms import L0, L1, NORMS, LpNorm, per_example
 from .registry import register
 
-__all__ = ["fgsm", "fgsm_rs", "mifgsm", "pgd_l1", "pgd_l2", "pgd_linf", "steepest_ascent"]
+__all__ = ["fgsm", "fgsm_rs", "l0", "mifgsm", "pgd_l1", "pgd_l2", "pgd_linf", "steepest_ascent"]
 
 ModelFn = Callable[[Tensor], Tensor]
 
@@ -215,3 +215,29 @@ def mifgsm(
     return steepest_ascent(
         model_fn, x, y, norm=NORMS["linf"], eps=eps, alpha=a, steps=steps, random_start=False, momentum=decay
     )
+
+
+def _pixels(label: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{label} must be an integer >= 1 (pixels allowed to change), got {value!r}")
+
+
+@register("l0", norm=None, checks={"k": _pixels})
+def l0(
+    model_fn: ModelFn,
+    x: Tensor,
+    y: Tensor,
+    *,
+    k: int,
+    steps: int = 20,
+    alpha: float = 0.5,
+    restarts: int = 1,
+    random_start: bool = True,
+) -> Tensor:
+    """Sparse attack: at most ``k`` pixels change (any amount within [0, 1]; all channels of a pixel
+    count as one). Projected steepest ascent in L0 (Croce & Hein 2019's PGD-L0): gradient steps
+    scaled so the steepest coordinate moves ``alpha``, then keep the ``k`` most-perturbed pixels."""
+    return steepest_ascent(
+        model_fn, x, y, norm=L0(), eps=float(k), alpha=alpha, steps=steps, restarts=restarts,
+        random_start=random_start,
+    )  # fmt: skip
