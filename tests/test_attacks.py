@@ -35,7 +35,9 @@ BOUNDED = [
     ("cw_l2(eps={}, steps=5)", "l2"),
     ("deepfool(eps={}, steps=3)", "l2"),
 ]
+ART_APGD_L1 = "AutoProjectedGradientDescent(norm=1, eps=5.0, eps_step=1.0, max_iter=2, nb_random_init=1)"
 ALL_NATIVE = ["none", *(t.format(EPS[n][1]) for t, n in BOUNDED), "cw_l2(steps=5)", "deepfool(steps=3)"]
+EXTERNAL = ["torchattacks:PGD(eps=0.3, steps=2)", "torchattacks:CW(steps=2)", f"art:{ART_APGD_L1}"]
 ALL_NATIVE += ["spatial(steps=2)", "spatial_grid(n=2)", "color(eps=0.3, steps=2)", "l0(k=5, steps=2)"]
 
 
@@ -126,7 +128,7 @@ def test_float64_in_float64_out(tiny, spec):
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train_mode", "eval_mode"])
-@pytest.mark.parametrize("spec", [*ALL_NATIVE, "torchattacks:PGD(eps=0.3, steps=2)", "torchattacks:CW(steps=2)"])
+@pytest.mark.parametrize("spec", [*ALL_NATIVE, *EXTERNAL])
 def test_model_mode_and_grads_untouched(tiny, spec, training):
     _, x, y = tiny
     torch.manual_seed(0)
@@ -156,7 +158,7 @@ def test_attacks_work_inside_no_grad(tiny):
 # --- any model callable -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("spec", [*ALL_NATIVE, "torchattacks:PGD(eps=0.3, steps=2)", "torchattacks:CW(steps=2)"])
+@pytest.mark.parametrize("spec", [*ALL_NATIVE, *EXTERNAL])
 def test_functional_closure_gives_the_same_result_as_the_module(tiny, spec):
     model, x, y = tiny
     params = dict(model.named_parameters())

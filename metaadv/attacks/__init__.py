@@ -3,6 +3,7 @@
     import metaadv.attacks as A
     attack = A.make("pgd_linf(eps=0.3, steps=10)")   # or "cw_l2", "torchattacks:PGD(eps=0.3)"
     x_adv = attack(model, x, y)                       # model: nn.Module or any callable images -> logits
+    A.make("art:AutoProjectedGradientDescent(norm=1, eps=10.0, eps_step=1.0)")  # ART, an L1 AutoPGD
     x_adv = attack(model, x, y, eps=eps_per_example)  # per-example (B,) eps for one call
     A.available()                                     # registered names; A.register adds your own
 
@@ -11,7 +12,7 @@ loop, ``steepest.py``), cw_l2 and deepfool (``minimum_norm.py``), and threat mod
 balls: spatial, spatial_grid and color (one loop over transform parameters, ``transforms.py``).
 """
 
-from . import minimum_norm, simple, steepest, torchattacks_adapter, transforms  # noqa: F401  (register them)
+from . import art_adapter, minimum_norm, simple, steepest, torchattacks_adapter, transforms  # noqa: F401 (register)
 from .minimum_norm import cw_l2, deepfool
 from .msd import msd
 from .norms import L0, L1, L2, Linf, LpNorm, project_l1

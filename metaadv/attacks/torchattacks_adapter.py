@@ -6,10 +6,9 @@ Install it with ``pip install --no-deps torchattacks==3.5.1``: its metadata pins
 and lets pip replace a CPU torch with a multi-GB CUDA build, while its attacks only import torch,
 scipy and tqdm (``pip install scipy tqdm``).
 
-The model callable (an ``nn.Module`` or a ``functional_call`` closure) is wrapped in a small
-``nn.Module`` with a parameter-free device anchor, so torchattacks finds the device; the user's module
-is not a submodule of that wrapper, so torchattacks's ``eval()``/``train()`` calls do not reach it:
-the attack runs the model in the mode it is in, like the native attacks.
+The model callable (an ``nn.Module`` or a ``functional_call`` closure) is wrapped by
+:class:`~metaadv.attacks.external.AsModule`, so torchattacks's ``eval()``/``train()`` calls do not
+reach it: the attack runs the model in the mode it is in, like the native attacks.
 """
 
 from __future__ import annotations
@@ -21,9 +20,10 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .registry import STANDARD_CHECKS, AttackEntry, Param, register_namespace
+from .external import AsModule, signature_params
+from .registry import AttackEntry, register_namespace
 
 __all__ = ["INSTALL_HINT", "torchattacks_entry"]
 
@@ -48,39 +48,6 @@ def _torchattacks() -> Any:
         ) from e
 
 
-class _InputGradOnly(torch.autograd.Function):
-    """logits = fn(x) whose backward reaches x only: some torchattacks attacks call ``loss.backward()``,
-    which would otherwise accumulate ``.grad`` into the parameters a closure captures."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
-        with torch.enable_grad():
-            ctx.x = x.detach().requires_grad_(True)
-            ctx.out = fn(ctx.x)
-        return ctx.out.detach()
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None]:
-        (grad_x,) = torch.autograd.grad(ctx.out, ctx.x, grad_out)
-        return grad_x, None
-
-
-class _AsModule(nn.Module):
-    """An ``nn.Module`` view of a callable images -> logits, on the device and dtype of ``like``."""
-
-    def __init__(self, fn: Callable[[Tensor], Tensor], like: Tensor) -> None:
-        super().__init__()
-        object.__setattr__(self, "fn", fn)  # not registered: torchattacks's eval()/train() must not reach it
-        anchor = torch.empty(0, device=like.device, dtype=like.dtype)
-        self.anchor = nn.Parameter(anchor, requires_grad=False)  # torchattacks reads the device from it
-
-    def forward(self, x: Tensor) -> Tensor:
-        if torch.is_grad_enabled() and x.requires_grad:
-            return _InputGradOnly.apply(x, self.fn)
-        with torch.no_grad():  # no gradient w.r.t. x wanted: build no graph to the parameters either
-            return self.fn(x)
-
-
 def _norm_of(class_name: str) -> Callable[[Mapping[str, Any]], str | None]:
     if class_name in _LINF:
         return lambda _p: "linf"
@@ -91,30 +58,8 @@ def _norm_of(class_name: str) -> Callable[[Mapping[str, Any]], str | None]:
     return lambda p: _NORM_ARG.get(p.get("norm"))  # type: ignore[arg-type]
 
 
-def _params(cls: type) -> tuple[Param, ...]:
-    """Hyper-parameters from the class's ``__init__(self, model, ...)``; only literal defaults."""
-    out = []
-    for p in list(inspect.signature(cls.__init__).parameters.values())[2:]:
-        d = p.default
-        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or d is p.empty:
-            continue
-        if isinstance(d, bool):
-            kinds: tuple[type, ...] = (bool,)
-        elif isinstance(d, int | float):
-            kinds = (int, float)  # torchattacks often writes c=1 for a float: accept both, keep as given
-        elif isinstance(d, str | tuple):
-            kinds = (type(d),)
-        elif d is None:
-            kinds = ()
-        else:
-            continue  # not expressible in a spec
-        name = "eps" if p.name == "max_epsilon" else p.name
-        out.append(Param(p.name, d, kinds, None, d is None, False, STANDARD_CHECKS.get(name)))
-    return tuple(out)
-
-
 def _run(cls: type, model_fn: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, **kwargs: Any) -> Tensor:
-    attack = cls(_AsModule(model_fn, x), **kwargs)
+    attack = cls(AsModule(model_fn, x), **kwargs)
     return attack(x, y).detach().to(dtype=x.dtype)
 
 
@@ -130,12 +75,13 @@ def torchattacks_entry(class_name: str) -> AttackEntry:
 
     def check_all(params: Mapping[str, Any]) -> None:  # build once on a dummy model to surface bad values
         try:
-            cls(_AsModule(lambda v: v, torch.empty(0)), **params)
+            cls(AsModule(lambda v: v, torch.empty(0)), **params)
         except Exception as e:
             raise ValueError(f"{name}: torchattacks rejected {dict(params)}: {type(e).__name__}: {e}") from None
 
     summary = (inspect.getdoc(cls) or "").split("\n", 1)[0]
-    return AttackEntry(name, functools.partial(_run, cls), _params(cls), _norm_of(class_name), summary, check_all)
+    params = signature_params(cls)
+    return AttackEntry(name, functools.partial(_run, cls), params, _norm_of(class_name), summary, check_all)
 
 
 register_namespace("torchattacks", torchattacks_entry)
