@@ -46,6 +46,7 @@ BASELINE_ATTACKS = {  # method -> which protocol attacks it trains on
     "avg": lambda p: p["train_attacks"],
     "max": lambda p: p["train_attacks"],
     "msd": lambda p: p["train_attacks"],
+    "sat": lambda p: p["train_attacks"],
 }
 META_METHODS = {"meta_fo": True, "meta_so": False}  # name -> first_order
 QUICK = {"epochs": 1, "n_examples": 64, "sanity_examples": 48, "shots": [8], "train_examples": 512}

@@ -9,6 +9,8 @@
 - ``"msd"``: multi steepest descent (Maini et al. 2020): training on one attack against the union of
   the Linf, L2 and L1 balls, which at each step keeps per example the norm whose step raises the loss most.
 - ``"trades"``: TRADES (Zhang et al. 2019): ``CE(f(x), y) + beta * KL(f(x) || f(x_adv))``, x_adv maximizing the KL.
+- ``"sat"``: stochastic adversarial training (Croce & Hein 2022): each batch is trained on one of the attacks,
+  drawn uniformly; with an Linf and an L1 attack it is their E-AT (the extreme norms, which also cover L2).
 
 Attacks are crafted against the current model with scratch BatchNorm statistics (``model_fn``), in the
 model's current mode (training mode inside ``fit``); TRADES crafts in eval mode, as its reference code.
@@ -32,9 +34,9 @@ from .trainer import TrainResult, fit, make_optimizer, resolve_device, training_
 
 __all__ = ["METHODS", "adversarial_loss", "adversarial_train", "training_attacks"]
 
-METHODS = ("erm", "pgd_at", "fast_at", "avg", "max", "msd", "trades")
+METHODS = ("erm", "pgd_at", "fast_at", "avg", "max", "msd", "trades", "sat")
 _COUNTS = {"erm": (0, 0), "pgd_at": (1, 1), "fast_at": (1, 1), "avg": (1, None), "max": (1, None)}
-_COUNTS |= {"msd": (1, None), "trades": (1, 1)}  # (min, max) number of attacks
+_COUNTS |= {"msd": (1, None), "trades": (1, 1), "sat": (2, None)}  # (min, max) number of attacks
 
 
 def training_attacks(method: str, attacks: Sequence[str | Attack]) -> list[Attack]:
@@ -135,6 +137,8 @@ def adversarial_loss(
         return trades_loss(model, attacks[0], x, y, beta)
     params, buffers = state(model)
     target = model_fn(model, params, buffers)  # scratch BN statistics while attacking
+    if method == "sat":  # one threat model per batch, from the global RNG (checkpointed, so resume is exact)
+        attacks = [attacks[int(torch.randint(len(attacks), ()))]]
     advs = [attack(target, x, y) for attack in attacks]
     logits = model(torch.cat(advs))  # one forward: BN statistics over all adversarial examples
     losses = F.cross_entropy(logits, y.repeat(len(advs)), reduction="none").view(len(advs), -1)  # (A, B)
@@ -174,6 +178,8 @@ def adversarial_train(
         default step sizes (e.g. ``["pgd_linf(eps=0.3, steps=10)", "pgd_l2(eps=2.0, steps=10)"]``).
         ``"trades"`` (Zhang et al. 2019): one Lp attack giving the ball, ``steps`` and ``alpha`` of
         TRADES's KL ascent (e.g. ``"pgd_linf(eps=0.3, steps=10)"``); crafted in eval mode.
+        ``"sat"`` (Croce & Hein 2022): two or more; each batch trains on one, drawn uniformly (E-AT:
+        ``["pgd_linf(eps=0.3, steps=10)", "pgd_l1(eps=10.0, steps=10)"]``).
     ``clean_weight`` w mixes the loss as ``(1-w) * L_adv + w * L_clean`` (not for ``"trades"``, whose
     clean term is built in). ``beta``: TRADES's weight of the KL term (default 6.0, the paper's 1/lambda).
 

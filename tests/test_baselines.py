@@ -22,6 +22,7 @@ METHOD_ATTACKS = {
     "msd": ["msd(steps=2)"],
     "msd_from_lp": LP3,
     "trades": ["pgd_linf(eps=0.3, steps=2)"],
+    "sat": ["pgd_linf(eps=0.3, steps=2)", "pgd_l1(eps=10, steps=2)"],
 }
 
 
@@ -83,6 +84,21 @@ def test_max_loss_is_at_least_avg_loss_over_several_norms(trained, digits):
         losses[method] = adversarial_loss(trained, LP3, x, y, method).detach()
     assert bool((losses["max"] >= losses["avg"] - 1e-6).all())
     assert float(losses["max"].mean()) > float(losses["avg"].mean())
+
+
+def test_sat_trains_each_batch_on_one_attack_drawn_uniformly(trained, digits):
+    """With attacks (none, PGD), each call's loss is the clean loss or the PGD loss, as the global RNG's
+    next draw says (so a checkpointed run resumes exactly), and both are drawn about equally often."""
+    x, y = digits[0][:16], digits[1][:16]
+    clean = ce(trained, x, y)
+    picks = []
+    for seed in range(40):
+        torch.manual_seed(seed)
+        picks.append(int(torch.randint(2, ())))
+        torch.manual_seed(seed)
+        loss = adversarial_loss(trained, ["none", "pgd_linf(eps=0.3, steps=3)"], x, y, "sat").detach()
+        assert torch.allclose(loss, clean) == (picks[-1] == 0)
+    assert 10 <= sum(picks) <= 30
 
 
 # --- MSD ----------------------------------------------------------------------------------------------
