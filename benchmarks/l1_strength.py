@@ -1,4 +1,4 @@
-"""How strong is each L1 attack? Native SLIDE (`pgd_l1`) against ART's L1 AutoPGD and PGD, side by side.
+"""How strong is each L1 attack? Native SLIDE (`pgd_l1`), Foolbox's FMN-L1, ART's L1 AutoPGD and PGD.
 
     python benchmarks/l1_strength.py            # ERM SmallCNN on mnist5k, 200 test digits, eps 2/5/10
 
@@ -51,6 +51,7 @@ def main() -> None:
     for eps in args.eps:
         specs = {
             "native pgd_l1 (SLIDE)": f"pgd_l1(eps={eps}, steps={args.steps})",
+            "Foolbox FMN-L1": f"foolbox:L1FMNAttack(steps={args.steps}, eps={eps})",
             "ART AutoPGD L1": f"art:AutoProjectedGradientDescent(norm=1, eps={eps}, eps_step={eps / 5}, "
             f"max_iter={args.steps}, nb_random_init=1)",
             "ART PGD L1": f"art:ProjectedGradientDescent(norm=1, eps={eps}, eps_step={eps / 10}, "

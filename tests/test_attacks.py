@@ -38,6 +38,7 @@ BOUNDED = [
 ART_APGD_L1 = "AutoProjectedGradientDescent(norm=1, eps=5.0, eps_step=1.0, max_iter=2, nb_random_init=1)"
 ALL_NATIVE = ["none", *(t.format(EPS[n][1]) for t, n in BOUNDED), "cw_l2(steps=5)", "deepfool(steps=3)"]
 EXTERNAL = ["torchattacks:PGD(eps=0.3, steps=2)", "torchattacks:CW(steps=2)", f"art:{ART_APGD_L1}"]
+EXTERNAL += ["foolbox:L1FMNAttack(steps=2, eps=5.0)"]
 ALL_NATIVE += ["spatial(steps=2)", "spatial_grid(n=2)", "color(eps=0.3, steps=2)", "l0(k=5, steps=2)"]
 
 

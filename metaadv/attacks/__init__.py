@@ -12,7 +12,7 @@ loop, ``steepest.py``), cw_l2 and deepfool (``minimum_norm.py``), and threat mod
 balls: spatial, spatial_grid and color (one loop over transform parameters, ``transforms.py``).
 """
 
-from . import art_adapter, minimum_norm, simple, steepest, torchattacks_adapter, transforms  # noqa: F401 (register)
+from . import art_adapter, foolbox_adapter, minimum_norm, simple, steepest, torchattacks_adapter, transforms  # noqa: F401
 from .minimum_norm import cw_l2, deepfool
 from .msd import msd
 from .norms import L0, L1, L2, Linf, LpNorm, project_l1

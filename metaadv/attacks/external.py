@@ -53,14 +53,15 @@ class AsModule(nn.Module):
             return self.fn(x)
 
 
-def signature_params(cls: type, defaults: Mapping[str, Any] | None = None) -> tuple[Param, ...]:
-    """Hyper-parameters of an external attack class from its ``__init__(self, model, ...)``.
+def signature_params(cls: type, defaults: Mapping[str, Any] | None = None, skip: int = 2) -> tuple[Param, ...]:
+    """Hyper-parameters of an external attack class from its ``__init__``, after its first ``skip``
+    parameters (``self, model``; foolbox's constructors take no model: ``skip=1``).
 
     Only parameters with literal defaults become spec parameters; ``defaults`` replaces some of them
     (the canonical spec shows the value used). A float ``inf`` default becomes the string ``"inf"``.
     """
     out = []
-    for p in list(inspect.signature(cls.__init__).parameters.values())[2:]:
+    for p in list(inspect.signature(cls.__init__).parameters.values())[skip:]:
         d = (defaults or {}).get(p.name, p.default)
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or d is p.empty:
             continue
