@@ -1,4 +1,5 @@
-"""Threat models outside the Lp balls: spatial (rotation + translation), color, and sparse L0.
+"""Threat models outside the Lp balls: spatial (rotation + translation), color, sparse L0; and the learned
+perturbation generator.
 
 Each attack's bound lives in its own parameter space; these tests pin the geometry of the transforms,
 check that the bound is enforced, and that each attack is stronger than a random draw from its set.
@@ -110,6 +111,21 @@ def test_each_attack_beats_a_random_draw_from_its_own_threat_model(erm_model, mn
     assert worst["spatial_grid"] < accuracy(erm_model, random_spatial, y) - 0.1
     assert worst["l0(k=30)"] < accuracy(erm_model, random_l0, y) - 0.2
     assert worst["color(eps=0.5)"] < accuracy(erm_model, x, y)
+
+
+def test_a_generator_fitted_to_the_model_beats_noise_and_keeps_learning_across_calls(erm_model, mnist_batch):
+    x, y = mnist_batch[0][:100], mnist_batch[1][:100]
+    torch.manual_seed(0)
+    noise = accuracy(erm_model, A.make("noise(eps=0.3)")(erm_model, x, y), y)
+    assert accuracy(erm_model, A.make("generator(eps=0.3, steps=60)")(erm_model, x, y), y) < noise - 0.15
+    persistent = A.GeneratorAttack(0.3, steps=20)
+    first = accuracy(erm_model, persistent(erm_model, x, y), y)
+    second = accuracy(erm_model, persistent(erm_model, x, y), y)  # 20 more steps on the same generator
+    assert second <= first
+    copy = A.GeneratorAttack(0.3, steps=0)
+    copy.load_state_dict(persistent.state_dict(), like=x)
+    assert torch.equal(copy(erm_model, x, y), persistent.perturb(x).detach().clamp(0, 1))  # checkpoint round trip
+    assert all(p.grad is None for p in erm_model.parameters())
 
 
 def test_new_families_are_training_tasks_and_held_out_evaluators(tiny_model):

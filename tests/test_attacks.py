@@ -24,6 +24,7 @@ BOUNDED = [
     ("noise(eps={}, norm='l2', dist='gaussian')", "l2"),
     ("noise(eps={}, norm='l1')", "l1"),
     ("fgsm(eps={})", "linf"),
+    ("generator(eps={}, steps=2)", "linf"),
     ("fgsm_rs(eps={})", "linf"),
     ("pgd_linf(eps={}, steps=3)", "linf"),
     ("pgd_linf(eps={}, steps=2, restarts=3)", "linf"),

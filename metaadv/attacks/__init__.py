@@ -9,10 +9,20 @@
 
 Native attacks: none, noise, fgsm, fgsm_rs, pgd_linf, pgd_l2, pgd_l1, mifgsm, l0 (one steepest-ascent
 loop, ``steepest.py``), cw_l2 and deepfool (``minimum_norm.py``), and threat models outside the Lp
-balls: spatial, spatial_grid and color (one loop over transform parameters, ``transforms.py``).
+balls: spatial, spatial_grid and color (one loop over transform parameters, ``transforms.py``), and a
+learned perturbation generator (``generator.py``).
 """
 
-from . import art_adapter, foolbox_adapter, minimum_norm, simple, steepest, torchattacks_adapter, transforms  # noqa: F401
+from . import (  # noqa: F401  (importing a module registers its attacks)
+    art_adapter,
+    foolbox_adapter,
+    minimum_norm,
+    simple,
+    steepest,
+    torchattacks_adapter,
+    transforms,
+)
+from .generator import GeneratorAttack, generator
 from .minimum_norm import cw_l2, deepfool
 from .msd import msd
 from .norms import L0, L1, L2, Linf, LpNorm, project_l1
@@ -27,6 +37,7 @@ __all__ = [
     "L1",
     "L2",
     "Attack",
+    "GeneratorAttack",
     "Linf",
     "LpNorm",
     "ModelFn",
@@ -37,6 +48,7 @@ __all__ = [
     "deepfool",
     "fgsm",
     "fgsm_rs",
+    "generator",
     "l0",
     "make",
     "mifgsm",
