@@ -4,20 +4,23 @@
     python benchmarks/speed.py --quick    # a smoke run in well under a minute
 
 Prints markdown tables and writes benchmarks/results/speed_<device>.json:
-- metaadv's meta-step vs the same algorithm written with `higher` (innerloop_ctx) and as a plain loop
-  of torch.autograd calls over `functional_call`; every variant crafts the same attacks (native PGD
-  against the meta-parameters) and takes one Adam step; ratios to metaadv.
+- metaadv's meta-step (looped over tasks, the default) vs its task-batched execution
+  (`MetaConfig(batched=True)`: one attack call for all tasks, vmap over the inner loop and query loss) vs
+  the same algorithm written with `higher` (innerloop_ctx) and as a plain loop of torch.autograd calls over
+  `functional_call`; every variant crafts the same attacks (native PGD against the meta-parameters) and
+  takes one Adam step; ratios to the looped metaadv step and to the floor.
 - native PGD vs torchattacks PGD, images per second at equal steps.
 - efficiency vs the floor: the meta-step divided by the forward/backward passes it must do
   (attack steps + inner steps + query pass) timed alone.
-- scaling: meta-step time vs tasks (1..16) and vs inner steps (1..5), with the memory the autograd
-  graph holds for the meta-backward (and the CUDA peak on a GPU).
+- scaling: meta-step time (looped and batched) vs tasks (1..16) and vs inner steps (1..5), with the memory
+  the autograd graph of the looped step holds for the meta-backward (and the CUDA peak on a GPU).
 Timings are medians over interleaved repeats (variants alternate), after warm-up.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -56,6 +59,7 @@ class Bench:
         self.dist = ma.AttackDistribution([self.spec], seed=0)
         self.cfg = ma.MetaConfig(tasks_per_batch=tasks, support_size=shots, query_size=shots, sample_replace=True,
                                  inner_steps=inner, inner_lr=INNER_LR)  # fmt: skip
+        self.cfg_batched = dataclasses.replace(self.cfg, batched=True)
 
     def update(self, loss: torch.Tensor) -> None:
         self.opt.zero_grad(set_to_none=True)
@@ -65,6 +69,10 @@ class Bench:
     def metaadv(self) -> None:
         self.update(meta_batch_loss(self.model, self.params, self.buffers, self.dist.sample(self.tasks),
                                     self.x, self.y, self.cfg).loss)  # fmt: skip
+
+    def metaadv_batched(self) -> None:
+        self.update(meta_batch_loss(self.model, self.params, self.buffers, self.dist.sample(self.tasks),
+                                    self.x, self.y, self.cfg_batched).loss)  # fmt: skip
 
     def _chunks(self):
         target = model_fn(self.model, self.params, self.buffers)
@@ -144,15 +152,15 @@ def graph_memory_mb(b: Bench) -> float:
 
 def scaling_row(device: torch.device, tasks: int, shots: int, steps: int, inner: int, repeats: int) -> dict:
     b = Bench(device, tasks, shots, steps, inner)
-    seconds = time_side_by_side({"m": b.metaadv}, repeats, device)["m"]
-    row = {"tasks": tasks, "inner_steps": inner, "seconds": seconds, "graph_mb": graph_memory_mb(b)}
+    med = time_side_by_side({"looped": b.metaadv, "batched": b.metaadv_batched}, repeats, device)
+    row = {"tasks": tasks, "inner_steps": inner, "seconds": med["looped"], "batched_seconds": med["batched"],
+           "graph_mb": graph_memory_mb(b)}  # fmt: skip
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         b.metaadv()
         row["cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-    print(
-        f"| {tasks} | {inner} | {seconds:.3f} | {row['graph_mb']:.0f} | {row.get('cuda_peak_mb', float('nan')):.0f} |"
-    )
+    print(f"| {tasks} | {inner} | {med['looped']:.3f} | {med['batched']:.3f} | {row['graph_mb']:.0f} | "
+          f"{row.get('cuda_peak_mb', float('nan')):.0f} |")  # fmt: skip
     return row
 
 
@@ -183,15 +191,15 @@ def main() -> None:
                     "shots": shots, "attack_steps": steps, "quick": quick}  # fmt: skip
 
     b = Bench(device, tasks_main, shots, steps, inner=1)
-    med = time_side_by_side({"metaadv": b.metaadv, "higher": b.higher_loop, "plain_loop": b.plain_loop,
-                             "floor": b.floor}, repeats, device)  # fmt: skip
+    med = time_side_by_side({"metaadv": b.metaadv, "metaadv_batched": b.metaadv_batched, "higher": b.higher_loop,
+                             "plain_loop": b.plain_loop, "floor": b.floor}, repeats, device)  # fmt: skip
     result["peers"] = {"tasks": tasks_main, **med}
     print(f"## Meta-step vs peers ({tasks_main} tasks x {shots}+{shots}, PGD-{steps}, 1 second-order inner step, "
           f"{device}, {torch.get_num_threads()} threads, median of {repeats})\n")  # fmt: skip
-    print("| variant | seconds | metaadv speed-up |\n|---|---:|---:|")
-    for k in ("metaadv", "higher", "plain_loop"):
-        print(f"| {k} | {med[k]:.3f} | {med[k] / med['metaadv']:.2f}x |")
-    print(f"| floor (passes alone) | {med['floor']:.3f} | meta-step / floor = {med['metaadv'] / med['floor']:.2f} |")
+    print("| variant | seconds | time / looped metaadv | time / floor |\n|---|---:|---:|---:|")
+    for k in ("metaadv", "metaadv_batched", "higher", "plain_loop"):
+        print(f"| {k} | {med[k]:.3f} | {med[k] / med['metaadv']:.2f} | {med[k] / med['floor']:.2f} |")
+    print(f"| floor (passes alone) | {med['floor']:.3f} | | 1.00 |")
 
     thr = pgd_throughput(device, 64 if quick else 512, 5 if quick else 10, repeats)
     result["pgd"] = thr
@@ -201,8 +209,9 @@ def main() -> None:
         f"| native | torchattacks | ratio |\n|---:|---:|---:|\n| {native:.0f} | {theirs:.0f} | {native / theirs:.2f} |"
     )
 
-    print("\n## Scaling (metaadv meta-step)\n")
-    print("| tasks | inner steps | seconds | autograd graph (MiB) | CUDA peak (MiB) |\n|---:|---:|---:|---:|---:|")
+    print("\n## Scaling (metaadv meta-step; graph and peak memory of the looped step)\n")
+    print("| tasks | inner steps | looped (s) | batched (s) | autograd graph (MiB) | CUDA peak (MiB) |")
+    print("|---:|---:|---:|---:|---:|---:|")
     r = max(2, repeats // 2)
     result["scaling_tasks"] = [
         scaling_row(device, t, shots, steps, 1, r) for t in ((1, 2, 4) if quick else (1, 2, 4, 8, 16))

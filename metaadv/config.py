@@ -50,6 +50,7 @@ class MetaConfig:
     log_every: int = 10  # log a line every this many meta-steps
     max_bad_steps: int = 5  # stop after this many consecutive meta-steps with a non-finite loss/gradient (each skipped)
     deterministic: bool = False  # GPU: deterministic cuDNN/cuBLAS kernels (slower); CPU runs repeat exactly anyway
+    batched: bool = False  # task-batched meta-step: one attack call per attack family, vmap over tasks (GPU)
 
     def __post_init__(self) -> None:
         for name in ("tasks_per_batch", "support_size", "query_size", "epochs", "log_every", "max_bad_steps"):
@@ -61,7 +62,7 @@ class MetaConfig:
             self._require(name, _is_num(getattr(self, name)) and getattr(self, name) > 0, "a number > 0")
         self._require("weight_decay", _is_num(self.weight_decay) and self.weight_decay >= 0, "a number >= 0")
         self._require("clean_weight", _is_num(self.clean_weight) and 0 <= self.clean_weight <= 1, "in [0, 1]")
-        for name in ("first_order", "sample_replace", "deterministic"):
+        for name in ("first_order", "sample_replace", "deterministic", "batched"):
             self._require(name, isinstance(getattr(self, name), bool), "True or False")
         self._require("outer_optimizer", self.outer_optimizer in _OPTIMIZERS, f"one of {_OPTIMIZERS}")
         self._require("query_attack", self.query_attack in _QUERY_ATTACK, f"one of {_QUERY_ATTACK}")

@@ -6,6 +6,8 @@ For each task i with support set S_i and query set Q_i (adversarial examples of 
     L_meta   = sum_i w_i * L(f_{theta_i'}, Q_i),   w_i = 1/n          (query loss at the adapted point)
 
 and the meta-optimizer steps theta along grad_theta L_meta (second order unless ``first_order``).
+A meta-step has two stages: ``craft_task_sets`` (the attacks) and ``task_losses`` (inner loop and query
+loss), each either looped over tasks or task-batched (``MetaConfig.batched``).
 """
 
 from __future__ import annotations
@@ -16,13 +18,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import vmap
 
+from .attacks.spec import group_by_batch_key, run_grouped
+from .batchnorm import BatchNormFromPrimitives, update_running_stats
 from .config import MetaConfig
-from .functional import Params, call, model_fn
-from .inner import adapt
+from .functional import Params, call, clone_buffers, model_fn
+from .inner import adapt, adapt_tasks
 from .tasks import AttackTask, split_support_query
 
-__all__ = ["MetaBatchLoss", "meta_batch_loss"]
+__all__ = ["MetaBatchLoss", "TaskSets", "craft_task_sets", "meta_batch_loss", "task_losses"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,17 @@ class MetaBatchLoss:
     task_specs: tuple[str, ...]  # canonical attack spec per task (eps included)
     query_loss: Tensor  # (n_tasks,) adversarial query loss of each adapted copy, detached
     query_acc: Tensor  # (n_tasks,) adversarial query accuracy of each adapted copy, detached
+
+
+@dataclass(frozen=True)
+class TaskSets:
+    """One task's examples for the loss stage."""
+
+    support: Tensor  # (S, C, H, W) adversarial support examples
+    support_y: Tensor  # (S,)
+    query: Tensor | None  # (Q, C, H, W) adversarial query examples; None: crafted against the adapted copy
+    query_clean: Tensor  # (Q, C, H, W) the clean query examples
+    query_y: Tensor  # (Q,)
 
 
 def meta_batch_loss(
@@ -53,38 +69,132 @@ def meta_batch_loss(
     copy is close enough to theta that the attack transfers) or against each adapted copy
     (``"adapted"``: exact for many inner steps, one more attack per task). Only the query forward
     passes update ``buffers`` (BatchNorm running statistics); attacks and the inner loop use scratch copies.
+    With ``config.batched`` both stages run task-batched (see ``craft_task_sets`` and ``task_losses``).
     """
-    chunks = split_support_query(x, y, len(tasks), config.support_size, config.query_size)
-    attack_meta = model_fn(model, params, buffers)
-    n_support = config.support_size
-    losses, accs = [], []
-    for task, (xs, ys, xq, yq) in zip(tasks, chunks, strict=True):
-        if config.query_attack == "meta":
-            adv = task(attack_meta, torch.cat([xs, xq]), torch.cat([ys, yq]))
-            xs_adv, xq_adv = adv[:n_support], adv[n_support:]
-        else:
-            xs_adv = task(attack_meta, xs, ys)
-        adapted = adapt(
-            model, xs_adv, ys, params=params, steps=config.inner_steps, lr=config.inner_lr,
-            first_order=config.first_order,
-        )  # fmt: skip
-        if config.query_attack == "adapted":
-            xq_adv = task(model_fn(model, adapted, buffers), xq, yq)
-        if config.clean_weight > 0:
-            logits = call(model, adapted, buffers, torch.cat([xq_adv, xq]))
-            adv_logits, clean_logits = logits[: len(xq)], logits[len(xq) :]
-            adv_loss = F.cross_entropy(adv_logits, yq)
-            loss = (1 - config.clean_weight) * adv_loss + config.clean_weight * F.cross_entropy(clean_logits, yq)
-        else:
-            adv_logits = call(model, adapted, buffers, xq_adv)
-            adv_loss = loss = F.cross_entropy(adv_logits, yq)
-        losses.append((loss, adv_loss.detach()))
-        accs.append((adv_logits.argmax(1) == yq).float().mean().detach())
-    total = torch.stack([loss for loss, _ in losses]).mean()
+    sets = craft_task_sets(model, params, buffers, tasks, x, y, config)
+    losses, query_loss, query_acc = task_losses(model, params, buffers, tasks, sets, config)
     return MetaBatchLoss(
-        loss=total,
+        loss=losses.mean(),
         task_names=tuple(t.name for t in tasks),
         task_specs=tuple(t.attack.spec for t in tasks),
-        query_loss=torch.stack([adv for _, adv in losses]),
-        query_acc=torch.stack(accs),
+        query_loss=query_loss,
+        query_acc=query_acc,
     )
+
+
+def craft_task_sets(
+    model: nn.Module,
+    params: Params,
+    buffers: Params,
+    tasks: Sequence[AttackTask],
+    x: Tensor,
+    y: Tensor,
+    config: MetaConfig,
+) -> list[TaskSets]:
+    """The attack stage: each task's support set (and with ``query_attack="meta"`` its query set) crafted
+    against the meta-parameters, from disjoint chunks of ``x`` (B, C, H, W), ``y`` (B,).
+
+    Looped: one attack call per task, on its support and query examples together. Batched: one call per
+    group of tasks whose attacks differ only in eps (``Attack.batch_key``), on the group's concatenated
+    examples with a per-example eps; other attacks (torchattacks, msd, attacks without eps) run per task.
+    The batched calls skip the value checks that read back from the device (``run_grouped``), and in
+    training mode the model's BatchNorm normalizes with statistics of the whole group's batch, and random
+    starts are drawn for the group at once: batched and looped crafting agree exactly only for
+    deterministic attacks on an eval-mode model.
+    """
+    chunks = split_support_query(x, y, len(tasks), config.support_size, config.query_size)
+    target = model_fn(model, params, buffers)
+    both = config.query_attack == "meta"
+    inputs = [torch.cat([xs, xq]) if both else xs for xs, _, xq, _ in chunks]
+    labels = [torch.cat([ys, yq]) if both else ys for _, ys, _, yq in chunks]
+    adv: dict[int, Tensor] = {}  # task index -> adversarial examples of its inputs
+    if config.batched:
+        for group in group_by_batch_key([t.attack for t in tasks]):
+            crafted = run_grouped([tasks[i].attack for i in group], target, [inputs[i] for i in group],
+                                  [labels[i] for i in group])  # fmt: skip
+            adv.update(zip(group, crafted, strict=True))
+    else:
+        adv = {i: task(target, xi, yi) for i, (task, xi, yi) in enumerate(zip(tasks, inputs, labels, strict=True))}
+    n = config.support_size
+    return [TaskSets(adv[i][:n], ys, adv[i][n:] if both else None, xq, yq) for i, (_, ys, xq, yq) in enumerate(chunks)]
+
+
+def task_losses(
+    model: nn.Module,
+    params: Params,
+    buffers: Params,
+    tasks: Sequence[AttackTask],
+    sets: Sequence[TaskSets],
+    config: MetaConfig,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The loss stage: adapt to each task's support set, then its query loss at the adapted point.
+
+    Returns (loss (T,) differentiable w.r.t. ``params``, adversarial query loss (T,) detached, adversarial
+    query accuracy (T,) detached). A query set that is None is crafted with the task's attack against the
+    adapted copy (one attack call per task, looped in both modes). The query forward passes update the
+    BatchNorm running statistics in ``buffers`` once per task, in task order.
+
+    Batched (``config.batched``; all tasks need equal support and query sizes): the inner loop is
+    ``adapt_tasks`` (``adapt``'s update rule vmapped over tasks) and the query loss is vmapped, with
+    BatchNorm computed from primitives in both (native BatchNorm's second-order gradients are wrong under
+    vmap) and the running-statistics updates applied after the vmapped query pass, task by task. Equal to
+    the looped stage up to float rounding.
+    """
+    if config.batched:
+        return _batched_losses(model, params, buffers, tasks, sets, config)
+    out = []
+    for task, s in zip(tasks, sets, strict=True):
+        adapted = adapt(model, s.support, s.support_y, params=params, steps=config.inner_steps, lr=config.inner_lr,
+                        first_order=config.first_order)  # fmt: skip
+        query = s.query if s.query is not None else task(model_fn(model, adapted, buffers), s.query_clean, s.query_y)
+        out.append(_query_loss(model, adapted, buffers, query, s.query_clean, s.query_y, config.clean_weight))
+    loss, query_loss, query_acc = (torch.stack(v) for v in zip(*out, strict=True))
+    return loss, query_loss, query_acc
+
+
+def _batched_losses(
+    model: nn.Module,
+    params: Params,
+    buffers: Params,
+    tasks: Sequence[AttackTask],
+    sets: Sequence[TaskSets],
+    config: MetaConfig,
+) -> tuple[Tensor, Tensor, Tensor]:
+    support = torch.stack([s.support for s in sets])  # (T, S, C, H, W)
+    support_y = torch.stack([s.support_y for s in sets])  # (T, S)
+    adapted = adapt_tasks(model, support, support_y, params=params, buffers=buffers, steps=config.inner_steps,
+                          lr=config.inner_lr, first_order=config.first_order)  # fmt: skip
+    queries = [
+        s.query if s.query is not None
+        else run_grouped([task.attack], model_fn(model, {k: v[i] for k, v in adapted.items()}, buffers),
+                         [s.query_clean], [s.query_y])[0]
+        for i, (task, s) in enumerate(zip(tasks, sets, strict=True))
+    ]  # fmt: skip
+    query = torch.stack(queries)  # (T, Q, C, H, W); adapted: name -> (T, *shape)
+    query_clean = torch.stack([s.query_clean for s in sets])
+    query_y = torch.stack([s.query_y for s in sets])  # (T, Q)
+    scratch = clone_buffers(buffers)  # read by the vmapped pass; ``buffers`` are updated after it
+
+    def one_query(theta: Params, xq_adv: Tensor, xq: Tensor, yq: Tensor) -> tuple:
+        with BatchNormFromPrimitives(scratch) as bn:
+            out = _query_loss(model, theta, scratch, xq_adv, xq, yq, config.clean_weight)
+        return out, bn.batch_stats
+
+    (loss, query_loss, query_acc), batch_stats = vmap(one_query)(adapted, query, query_clean, query_y)
+    update_running_stats(model, buffers, batch_stats)
+    return loss, query_loss, query_acc
+
+
+def _query_loss(
+    model: nn.Module, params: Params, buffers: Params, x_adv: Tensor, x: Tensor, y: Tensor, clean_weight: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, adversarial loss detached, adversarial accuracy) of one task's query set (Q, C, H, W) at ``params``."""
+    if clean_weight > 0:
+        logits = call(model, params, buffers, torch.cat([x_adv, x]))
+        adv_logits, clean_logits = logits[: len(x)], logits[len(x) :]
+        adv_loss = F.cross_entropy(adv_logits, y)
+        loss = (1 - clean_weight) * adv_loss + clean_weight * F.cross_entropy(clean_logits, y)
+    else:
+        adv_logits = call(model, params, buffers, x_adv)
+        adv_loss = loss = F.cross_entropy(adv_logits, y)
+    return loss, adv_loss.detach(), (adv_logits.argmax(1) == y).float().mean().detach()

@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import math
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from ..validation import check_images, check_labels, check_logits
 from .registry import AttackEntry, lookup
 
-__all__ = ["Attack", "ModelFn", "make", "parse"]
+__all__ = ["Attack", "ModelFn", "group_by_batch_key", "make", "parse", "run_grouped"]
 
 ModelFn = Callable[[Tensor], Tensor]  # images (B, C, H, W) in [0, 1] -> logits (B, K)
 
@@ -104,6 +104,16 @@ class Attack:
             return None
         return float(eps)
 
+    @property
+    def batch_key(self) -> tuple[Any, ...] | None:
+        """Attacks with equal keys run the same function with the same hyper-parameters except ``eps``, so
+        they can run as one call with a per-example eps (:func:`run_grouped`). ``None`` where eps cannot be
+        per example (no ``eps``, torchattacks, msd) or is not set (``cw_l2`` without a bound)."""
+        eps = next((p for p in self._entry.params if p.name == "eps"), None)
+        if eps is None or not eps.per_example or self.params["eps"] is None:
+            return None
+        return (self._entry.fn, self.name, tuple((k, v) for k, v in self.params.items() if k != "eps"))
+
     def replace(self, **changes: Any) -> Attack:
         """A validated copy with some hyper-parameters changed, e.g. ``attack.replace(eps=0.2)``."""
         return Attack(self.name, {**self.params, **changes})
@@ -169,6 +179,50 @@ def _preserve_module_state(model_fn: object) -> Iterator[None]:
         for p, g in grads:
             if p.grad is not g:
                 p.grad = g
+
+
+def group_by_batch_key(attacks: Sequence[Attack]) -> list[list[int]]:
+    """Indices of ``attacks`` grouped by :attr:`Attack.batch_key` (in order of first appearance); an attack
+    without a key is a group of its own."""
+    groups: dict[Any, list[int]] = {}
+    for i, attack in enumerate(attacks):
+        key = attack.batch_key
+        groups.setdefault(("alone", i) if key is None else key, []).append(i)
+    return list(groups.values())
+
+
+def run_grouped(
+    attacks: Sequence[Attack], model_fn: ModelFn, xs: Sequence[Tensor], ys: Sequence[Tensor]
+) -> list[Tensor]:
+    """Adversarial examples of ``attacks[i]`` for ``xs[i]`` (B_i, C, H, W), ``ys[i]`` (B_i,) in ONE attack call.
+
+    The attacks must share a ``batch_key`` (a single attack needs none): their function runs once on the
+    concatenated images, with eps as a (B,) tensor built on the images' device where it has a key. Unlike
+    ``attack(model_fn, x, y)`` this reads no values back from the device (no checks of the image range,
+    the labels or eps, each of which synchronizes with a GPU): pass images and labels that are already
+    checked, as ``meta_train`` does. Random starts are drawn for the whole batch at once, so the result
+    equals separate calls only for deterministic attacks on a model whose outputs do not depend on the
+    rest of the batch (eval mode). Returns one detached x_adv per attack, shaped like ``xs[i]``.
+    """
+    if not attacks or len(attacks) != len(xs) or len(xs) != len(ys):
+        raise ValueError(
+            f"need one image batch and one label batch per attack, got {len(attacks)}, {len(xs)}, {len(ys)}"
+        )
+    first = attacks[0]
+    if len(attacks) > 1 and (first.batch_key is None or any(a.batch_key != first.batch_key for a in attacks)):
+        raise ValueError(f"attacks differ in more than eps, cannot run as one call: {[a.spec for a in attacks]}")
+    x, y = (torch.cat(list(xs)), torch.cat(list(ys))) if len(xs) > 1 else (xs[0], ys[0])
+    params = dict(first.params)
+    if first.batch_key is not None:  # eps as a (B,) tensor filled on the device: no copy from the host
+        sizes = [len(xi) for xi in xs]
+        fill = [
+            torch.full((n,), a.params["eps"], dtype=x.dtype, device=x.device)
+            for a, n in zip(attacks, sizes, strict=True)
+        ]
+        params["eps"] = torch.cat(fill)
+    with _preserve_module_state(model_fn), torch.enable_grad():
+        x_adv = first._entry.fn(model_fn, x.detach(), y.long(), **params).detach().to(dtype=x.dtype)
+    return list(x_adv.split([len(xi) for xi in xs]))
 
 
 def make(spec: str | Mapping[str, Any] | Attack) -> Attack:

@@ -1,0 +1,230 @@
+"""The task-batched meta-step (``MetaConfig(batched=True)``) equals the looped one.
+
+Compared in float64 on a SmallCNN with BatchNorm in training mode, at 1e-10: vmap with native BatchNorm
+gives second-order meta-gradients off by ~1e-4 relative, which a float32 test at 1e-3 would let through.
+"""
+
+import copy
+import math
+
+import pytest
+import torch
+
+import metaadv as ma
+import metaadv.meta as meta
+from metaadv.attacks import make
+from metaadv.attacks.spec import group_by_batch_key, run_grouped
+from metaadv.functional import state
+from metaadv.inner import adapt, adapt_tasks
+from metaadv.meta import TaskSets, craft_task_sets, meta_batch_loss, task_losses
+from metaadv.models import SmallCNN
+from metaadv.tasks import AttackTask, split_support_query
+
+N_TASKS, SHOTS = 3, 6
+
+
+def tiny_cnn(batch_norm: bool = True) -> SmallCNN:
+    torch.manual_seed(0)
+    return SmallCNN(batch_norm=batch_norm, image_size=8, hidden=16).double().train()
+
+
+def tasks_of(*specs: str) -> list[AttackTask]:
+    return [AttackTask(make(s), i) for i, s in enumerate(specs)]
+
+
+def clean_batch(n_tasks: int = N_TASKS) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    n = n_tasks * 2 * SHOTS
+    return torch.rand(n, 1, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 10, (n,), generator=g)
+
+
+def fixed_sets(query: bool = True) -> list[TaskSets]:
+    """Per-task sets of arbitrary images in [0, 1], standing in for crafted adversarial examples."""
+    g = torch.Generator().manual_seed(2)
+
+    def images() -> torch.Tensor:
+        return torch.rand(SHOTS, 1, 8, 8, generator=g, dtype=torch.float64)
+
+    def labels() -> torch.Tensor:
+        return torch.randint(0, 10, (SHOTS,), generator=g)
+
+    return [TaskSets(images(), labels(), images() if query else None, images(), labels()) for _ in range(N_TASKS)]
+
+
+def config(batched: bool, **options) -> ma.MetaConfig:
+    return ma.MetaConfig(**{"tasks_per_batch": N_TASKS, "support_size": SHOTS, "query_size": SHOTS, **options},
+                         batched=batched)  # fmt: skip
+
+
+def loss_stage(model, batched: bool, sets, tasks=None, **options):
+    """Meta-gradient, per-task statistics and buffers after the loss stage on a copy of ``model``."""
+    model = copy.deepcopy(model)
+    params, buffers = state(model)
+    tasks = tasks or tasks_of(*["fgsm(eps=0.1)"] * N_TASKS)
+    loss, query_loss, query_acc = task_losses(model, params, buffers, tasks, sets, config(batched, **options))
+    grads = torch.autograd.grad(loss.mean(), list(params.values()))
+    return grads, (loss.detach(), query_loss, query_acc), buffers
+
+
+def assert_all_close(actual, expected) -> None:
+    for a, b in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("inner_steps", [1, 2])
+@pytest.mark.parametrize("clean_weight", [0.0, 0.5])
+def test_batched_meta_gradient_equals_looped_on_a_batchnorm_model(first_order, inner_steps, clean_weight):
+    model, sets = tiny_cnn(), fixed_sets()
+    options = {"first_order": first_order, "inner_steps": inner_steps, "inner_lr": 0.1, "clean_weight": clean_weight}
+    looped = loss_stage(model, False, sets, **options)
+    batched = loss_stage(model, True, sets, **options)
+    assert_all_close(batched[0], looped[0])
+    assert_all_close(batched[1], looped[1])
+
+
+@pytest.mark.parametrize("steps", [0, 2])
+def test_adapt_tasks_equals_adapt_per_task(steps):
+    model, sets = tiny_cnn(), fixed_sets()
+    support, support_y = torch.stack([s.support for s in sets]), torch.stack([s.support_y for s in sets])
+    batched = adapt_tasks(model, support, support_y, steps=steps, lr=0.1)
+    for t, s in enumerate(sets):
+        looped = adapt(model, s.support, s.support_y, steps=steps, lr=0.1)
+        assert_all_close([v[t] for v in batched.values()], list(looped.values()))
+
+
+def test_batched_query_attack_against_the_adapted_copies_equals_looped():
+    model, sets = tiny_cnn(), fixed_sets(query=False)
+    tasks = tasks_of("fgsm(eps=0.1)", "pgd_linf(eps=0.2, steps=2, random_start=False)", "fgsm(eps=0.3)")
+    looped = loss_stage(model, False, sets, tasks, query_attack="adapted", inner_lr=0.1)
+    batched = loss_stage(model, True, sets, tasks, query_attack="adapted", inner_lr=0.1)
+    assert_all_close(batched[0], looped[0])
+    assert_all_close(batched[1], looped[1])
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_batchnorm_running_statistics_after_batched_meta_steps_equal_looped(momentum):
+    """Two meta-steps of 3 tasks: each query forward pass moves the statistics once per task, in task order
+    (with momentum None, BatchNorm's cumulative average, the count so far matters)."""
+    model = tiny_cnn()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = momentum
+    x, y = clean_batch()
+    tasks = tasks_of(*["none"] * N_TASKS)  # the same support/query sets in both modes
+    after = {}
+    for batched in (False, True):
+        copy_ = copy.deepcopy(model)
+        params, buffers = state(copy_)
+        for _ in range(2):
+            meta_batch_loss(copy_, params, buffers, tasks, x, y, config(batched))
+        after[batched] = buffers
+    assert int(after[True]["features.1.num_batches_tracked"]) == 2 * N_TASKS
+    assert_all_close(list(after[True].values()), list(after[False].values()))
+
+
+def test_batched_crafting_equals_per_task_crafting_in_eval_mode_without_random_starts():
+    """In eval mode examples do not interact, and without random starts the attacks are deterministic:
+    one call per attack family then equals one call per task (in training mode BatchNorm's batch statistics
+    over a group's concatenated batch legitimately differ)."""
+    model = tiny_cnn().eval()
+    params, buffers = state(model)
+    x, y = clean_batch(5)
+    tasks = tasks_of(
+        "pgd_linf(eps=0.1, steps=2, random_start=False)",
+        "fgsm(eps=0.2)",
+        "pgd_linf(eps=0.3, steps=2, random_start=False)",
+        "pgd_l2(eps=1.0, steps=2, random_start=False)",
+        "fgsm(eps=0.05)",
+    )
+    for query_attack in ("meta", "adapted"):
+        looped = craft_task_sets(model, params, buffers, tasks, x, y, config(False, query_attack=query_attack))
+        batched = craft_task_sets(model, params, buffers, tasks, x, y, config(True, query_attack=query_attack))
+        for a, b in zip(batched, looped, strict=True):
+            torch.testing.assert_close(a.support, b.support, rtol=1e-10, atol=1e-12)
+            assert (a.query is None) == (b.query is None) == (query_attack == "adapted")
+            if a.query is not None:
+                torch.testing.assert_close(a.query, b.query, rtol=1e-10, atol=1e-12)
+
+
+def test_mixed_tasks_run_one_attack_call_per_family_and_each_task_keeps_its_eps(monkeypatch):
+    specs = [
+        "pgd_linf(eps=0.1, steps=2)",
+        "fgsm(eps=0.3)",
+        "pgd_linf(eps=0.2, steps=2)",
+        "pgd_linf(eps=0.2, steps=3)",  # other steps: another family
+        "msd(steps=2)",  # no per-example eps: alone
+        "torchattacks:FGSM(eps=0.25)",  # alone
+    ]
+    tasks = tasks_of(*specs)
+    assert group_by_batch_key([t.attack for t in tasks]) == [[0, 2], [1], [3], [4], [5]]
+    canonical, calls = [t.attack.spec for t in tasks], []
+
+    def counting(attacks, *args):
+        calls.append([canonical.index(a.spec) for a in attacks])
+        return original(attacks, *args)
+
+    original = meta.run_grouped
+    monkeypatch.setattr(meta, "run_grouped", counting)
+    model = tiny_cnn()
+    params, buffers = state(model)
+    x, y = clean_batch(len(tasks))
+    out = meta_batch_loss(model, params, buffers, tasks, x, y, config(True, tasks_per_batch=len(tasks)))
+    assert calls == [[0, 2], [1], [3], [4], [5]]  # one attack call per family
+    assert torch.isfinite(out.loss) and out.query_acc.shape == (len(tasks),)
+    sets = craft_task_sets(model, params, buffers, tasks, x, y, config(True, tasks_per_batch=len(tasks)))
+    chunks = split_support_query(x, y, len(tasks), SHOTS, SHOTS)
+    for task, s, (xs, _, xq, _) in zip(tasks, sets, chunks, strict=True):
+        if task.attack.norm == "linf":  # each task's examples lie in its own ball, not in its group's largest
+            assert float((s.support - xs).abs().max()) <= task.attack.eps + 1e-12
+            assert float((s.query - xq).abs().max()) <= task.attack.eps + 1e-12
+
+
+def test_batch_key_ignores_eps_only():
+    assert make("pgd_linf(eps=0.1)").batch_key == make("pgd_linf(eps=0.3)").batch_key
+    assert make("pgd_linf(eps=0.1)").batch_key != make("pgd_linf(eps=0.1, steps=3)").batch_key
+    assert make("pgd_linf(eps=0.1)").batch_key != make("pgd_l2(eps=0.1)").batch_key
+    assert make("cw_l2(eps=1.0)").batch_key == make("cw_l2(eps=2.0)").batch_key
+    for spec in ("none", "msd", "torchattacks:PGD(eps=0.3)", "cw_l2"):  # no per-example eps, or none set
+        assert make(spec).batch_key is None
+    x, y = clean_batch(1)
+    with pytest.raises(ValueError, match="more than eps"):
+        run_grouped([make("fgsm(eps=0.1)"), make("pgd_linf(eps=0.1)")], tiny_cnn(), [x, x], [y, y])
+
+
+def test_a_model_without_batchnorm_runs_batched():
+    model, sets = tiny_cnn(batch_norm=False), fixed_sets()
+    assert not dict(model.named_buffers())
+    looped = loss_stage(model, False, sets, inner_steps=2, inner_lr=0.1)
+    batched = loss_stage(model, True, sets, inner_steps=2, inner_lr=0.1)
+    assert_all_close(batched[0], looped[0])
+
+
+def test_batched_must_be_a_bool():
+    with pytest.raises(ValueError, match=r"MetaConfig\.batched"):
+        ma.MetaConfig(batched="yes")
+
+
+def test_meta_train_batched_end_to_end(mnist5k):
+    train, _ = mnist5k
+    dist = ma.AttackDistribution(["fgsm(eps=0.3)", "pgd_linf(eps=0.3, steps=2)"], eps_ranges=[(0.1, 0.3), None])
+    cfg = ma.MetaConfig(tasks_per_batch=3, sample_replace=True, support_size=8, query_size=8, steps=3, batched=True)
+    result = ma.meta_train(SmallCNN(hidden=64), train, dist, cfg, progress=False)
+    assert len(result.history) == 3
+    assert all(math.isfinite(r["loss"]) and len(r["query_acc"]) == 3 for r in result.history)
+
+
+@pytest.mark.gpu
+def test_batched_meta_step_reads_nothing_back_from_the_gpu():
+    model = SmallCNN(hidden=64).cuda().train()
+    params, buffers = state(model)
+    x, y = torch.rand(4 * 16, 1, 28, 28, device="cuda"), torch.randint(0, 10, (4 * 16,), device="cuda")
+    tasks = tasks_of("pgd_linf(eps=0.1, steps=2)", "pgd_linf(eps=0.3, steps=2)", "fgsm(eps=0.2)", "fgsm(eps=0.3)")
+    cfg = ma.MetaConfig(tasks_per_batch=4, support_size=8, query_size=8, batched=True)
+    meta_batch_loss(model, params, buffers, tasks, x, y, cfg).loss.backward()  # warm-up (lazy initialization)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        meta_batch_loss(model, params, buffers, tasks, x, y, cfg).loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
