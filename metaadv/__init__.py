@@ -5,7 +5,7 @@ result = ma.meta_train(model, train, ma.AttackDistribution(["fgsm(eps=0.3)"]), m
 report = ma.evaluate(result.model, test, ["pgd_l2(eps=2.0)"], adapt_shots=32)
 """
 
-from . import attacks, baselines, data, models, plots
+from . import attacks, baselines, data, distributed, models, plots
 from .checkpoint import CheckpointError, UnsafeCheckpointError
 from .config import MetaConfig, RunConfig, load_run_config
 from .evaluate import RobustnessReport, evaluate
@@ -31,6 +31,7 @@ __all__ = [
     "attacks",
     "baselines",
     "data",
+    "distributed",
     "evaluate",
     "load_run_config",
     "meta_train",

@@ -1,4 +1,8 @@
-"""The ``metaadv`` command: ``metaadv train --config FILE`` and ``metaadv eval --checkpoint DIR``."""
+"""The ``metaadv`` command: ``metaadv train --config FILE`` and ``metaadv eval --checkpoint DIR``.
+
+``torchrun --nproc_per_node N -m metaadv.cli train --config FILE`` trains with the tasks of each meta-batch
+split over N processes (docs/scaling.md); only rank 0 prints and writes the output directory.
+"""
 
 from __future__ import annotations
 
@@ -14,12 +18,12 @@ from typing import Any
 
 import torch
 
-from . import __version__, data, models
+from . import __version__, data, distributed, models
 from .checkpoint import CheckpointError, UnsafeCheckpointError, environment, list_checkpoints, write_atomic
 from .config import RunConfig, load_run_config, read_config_file, run_config_from
 from .evaluate import evaluate
 from .tasks import AttackDistribution
-from .trainer import NonFiniteLossError, TrainingInterrupted, meta_train
+from .trainer import NonFiniteLossError, TrainingInterrupted, meta_train, resolve_device
 
 log = logging.getLogger("metaadv")
 
@@ -93,13 +97,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = load_run_config(args.config, overrides)
     if not args.resume and list_checkpoints(out / "checkpoints"):
         raise ValueError(f"{out} holds checkpoints of an earlier run: pass --resume to continue it, or another --out")
-    train, _ = data.load(cfg.data, cfg.data_root)
+    distributed.setup(resolve_device(cfg.meta.device))  # under torchrun: join the process group (else nothing)
+    main = distributed.is_main()
+    with distributed.main_first():  # rank 0 downloads a torchvision dataset before the others read it
+        train, _ = data.load(cfg.data, cfg.data_root)
     torch.manual_seed(cfg.meta.seed)  # the initialization is part of the run: same config, same weights
     model = models.build(cfg.model)
     tasks = AttackDistribution(**cfg.tasks)
-    print(f"meta-training {type(model).__name__} on {cfg.data} over {len(tasks)} attack types: "
-          f"{', '.join(a.spec for a in tasks.types)}")  # fmt: skip
-    if not (args.resume and (out / "config.json").is_file()):  # a resume rewrites it once the checkpoint matches
+    if main:
+        world = f" ({distributed.world_size()} processes)" if distributed.world_size() > 1 else ""
+        print(f"meta-training {type(model).__name__} on {cfg.data} over {len(tasks)} attack types: "
+              f"{', '.join(a.spec for a in tasks.types)}{world}")  # fmt: skip
+    if main and not (args.resume and (out / "config.json").is_file()):  # a resume rewrites it once it matches
         write_config(out, cfg, status="running")
     try:
         result = meta_train(
@@ -107,15 +116,21 @@ def cmd_train(args: argparse.Namespace) -> int:
             checkpoint_every=args.checkpoint_every, keep_last=args.keep_last, resume=args.resume,
         )  # fmt: skip
     except TrainingInterrupted as e:
-        write_history(out, e.history)
-        write_config(out, cfg, status=f"interrupted after step {e.step}")
-        print(f"metaadv train: {e}; continue with: metaadv train --out {out} --resume", file=sys.stderr)
+        if main:
+            write_history(out, e.history)
+            write_config(out, cfg, status=f"interrupted after step {e.step}")
+            world = distributed.world_size()
+            launcher = f"torchrun --nproc_per_node {world} -m metaadv.cli" if world > 1 else "metaadv"
+            print(f"metaadv train: {e}; continue with: {launcher} train --out {out} --resume", file=sys.stderr)
         return 128 + e.signum
     except NonFiniteLossError as e:
-        write_history(out, e.history)
-        write_config(out, cfg, status="failed: non-finite loss")
-        print(f"metaadv train: error: {e}", file=sys.stderr)
+        if main:
+            write_history(out, e.history)
+            write_config(out, cfg, status="failed: non-finite loss")
+            print(f"metaadv train: error: {e}", file=sys.stderr)
         return 1
+    if not main:
+        return 0
     save_run(out, cfg, result.model, result.history, result.seconds)
     last = result.history[-1]
     print(f"done: {len(result.history)} meta-steps in {result.seconds:.1f}s, last meta-loss {last['loss']:.3f}")
@@ -189,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
         print(f"metaadv {args.command}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -3,6 +3,10 @@
 Methods differ only in their step function ``step(x, y) -> record``; baselines reuse ``fit``. ``fit``
 owns everything a pre-empted run needs to continue exactly: periodic checkpoints (see ``checkpoint.py``),
 resume, SIGTERM/SIGINT handling, and the count of steps whose loss was not finite.
+
+Under ``torchrun`` (see ``distributed.py`` and docs/scaling.md) ``meta_train`` splits the tasks of each
+meta-batch across the processes and sums their meta-gradients; ``fit`` then logs, shows progress and
+writes checkpoints on rank 0 only, and every rank resumes from the checkpoint rank 0 picks.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from . import distributed
 from .config import MetaConfig
 from .data import to_tensors
 from .functional import state
@@ -48,7 +53,7 @@ log = logging.getLogger(__name__)
 StepFn = Callable[[Tensor, Tensor], dict[str, Any]]
 
 # MetaConfig fields a resumed run may change: they do not alter the steps already taken.
-RESUMABLE_CHANGES = ("steps", "epochs", "log_every", "device", "max_bad_steps")
+RESUMABLE_CHANGES = ("steps", "epochs", "log_every", "device", "max_bad_steps", "batched")
 
 
 @dataclass
@@ -238,10 +243,14 @@ def fit(
     history_lines: list[str] = []  # one JSON line per record, encoded once (checkpoints hold them all)
     done, bad_streak, bad_total, elapsed_before = 0, 0, 0, 0.0
     order: Tensor | None = None
-    rng_to_restore = None
+    rng_to_restore, reseed = None, False
+    main, world = distributed.is_main(), distributed.world_size()
 
     if resume is not False:
-        found = _load_for_resume(resume, checkpoint_dir)
+        found = _load_for_resume(resume, checkpoint_dir) if main else None
+        chosen = distributed.broadcast_object(found[0] if found is not None else None)  # rank 0 picks for all
+        if found is None and chosen is not None:
+            found = chosen, ckpt.load_checkpoint(chosen)
         if found is not None:
             path, payload = found
             _check_same_run(path, payload, config_json, loop_identity)
@@ -253,14 +262,17 @@ def fit(
             elapsed_before = float(loop["elapsed"])
             history_lines = [ln for ln in payload["history"].split("\n") if ln]
             history = [json.loads(ln) for ln in history_lines]
-            rng_to_restore = payload["rng"]
-            log.info("%s: resumed from %s at step %d/%d", desc, path, done, total)
-    if checkpoint_dir is not None:
+            rng_to_restore, reseed = _rng_of_this_rank(path, payload, world)
+            if main:
+                log.info("%s: resumed from %s at step %d/%d", desc, path, done, total)
+    if checkpoint_dir is not None and main:
         ckpt.remove_stale_temporaries(checkpoint_dir)
     if order is None:
         order = torch.randperm(len(x), generator=g)
     if rng_to_restore is not None:
         ckpt.restore_rng(rng_to_restore)  # last: nothing after this point may draw random numbers before the loop
+        if reseed:  # a checkpoint of another world size: fresh, still distinct, attack streams per rank
+            torch.manual_seed(int(torch.randint(2**62, ())) + distributed.rank())
 
     start = time.perf_counter()
 
@@ -268,6 +280,11 @@ def fit(
         return elapsed_before + time.perf_counter() - start
 
     def save(steps_done: int) -> Path:
+        """Write a checkpoint on rank 0 (every rank must call this: it gathers their RNG states); returns its path."""
+        rng = ckpt.capture_rng()
+        rng_ranks = distributed.gather_objects(rng) if world > 1 else None  # attack random streams differ by rank
+        if not main:
+            return distributed.broadcast_object(None)
         payload = {
             "state": {name: obj.state_dict() for name, obj in stateful.items()},
             "loop": {
@@ -278,15 +295,17 @@ def fit(
                 "elapsed": elapsed(),
                 **loop_identity,
             },
-            "rng": ckpt.capture_rng(),
+            "rng": rng,
+            **({"rng_ranks": rng_ranks} if rng_ranks is not None else {}),
             "history": "\n".join(history_lines),
             "config": json.dumps(config_json),
             "environment": json.dumps(env),
         }
-        return ckpt.save_checkpoint(checkpoint_dir, payload, step=steps_done, keep_last=keep_last)  # type: ignore[arg-type]
+        path = ckpt.save_checkpoint(checkpoint_dir, payload, step=steps_done, keep_last=keep_last)  # type: ignore[arg-type]
+        return distributed.broadcast_object(path)  # also holds the other ranks until the file is written
 
     model.train()
-    bar = tqdm(total=total, initial=min(done, total), desc=desc, disable=not progress or None, leave=False)
+    bar = tqdm(total=total, initial=min(done, total), desc=desc, disable=not (progress and main) or None, leave=False)
     stopper = _StopOnSignal()
     last_saved: tuple[int, Path | None] = (done, None)  # (step, file) of the newest checkpoint written here
     try:
@@ -305,29 +324,30 @@ def fit(
                 history_lines.append(json.dumps(record))
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.3f}")
-                if bad:
+                if bad and main:
                     log.warning(
                         "%s step %d: non-finite loss or gradient (loss %s)%s; %d in a row, %d in total",
                         desc, i + 1, record["loss"], ", update skipped" if record.get("skipped") else "",
                         bad_streak, bad_total,
                     )  # fmt: skip
-                    if max_bad_steps is not None and bad_streak >= max_bad_steps:
-                        raise NonFiniteLossError(
-                            f"{desc} stopped at step {i + 1}: {bad_streak} consecutive steps had a non-finite loss "
-                            f"or gradient (max_bad_steps={max_bad_steps}). Their updates were skipped, so the model "
-                            f"holds the parameters after step {i + 1 - bad_streak}. Usual causes: a learning rate "
-                            "too high (outer_lr, inner_lr), an attack producing NaN, or a model whose logits overflow.",
-                            history,
-                        )
-                if (i + 1) % log_every == 0 or i + 1 == total:
+                if bad and max_bad_steps is not None and bad_streak >= max_bad_steps:
+                    raise NonFiniteLossError(
+                        f"{desc} stopped at step {i + 1}: {bad_streak} consecutive steps had a non-finite loss "
+                        f"or gradient (max_bad_steps={max_bad_steps}). Their updates were skipped, so the model "
+                        f"holds the parameters after step {i + 1 - bad_streak}. Usual causes: a learning rate "
+                        "too high (outer_lr, inner_lr), an attack producing NaN, or a model whose logits overflow.",
+                        history,
+                    )
+                if main and ((i + 1) % log_every == 0 or i + 1 == total):
                     log.info("%s step %d/%d loss %.4f (%.1fs)", desc, i + 1, total, record["loss"], record["seconds"])
                 if checkpoint_dir is not None and ((i + 1) % checkpoint_every == 0 or i + 1 == total):
                     last_saved = (i + 1, save(i + 1))
-                if stopper.signum is not None:
+                signum = distributed.max_over_ranks(stopper.signum or 0)  # ranks stop together, at the same step
+                if signum:
                     path = None
                     if checkpoint_dir is not None:
                         path = last_saved[1] if last_saved[0] == i + 1 else save(i + 1)
-                    raise TrainingInterrupted(stopper.signum, i + 1, path, history)
+                    raise TrainingInterrupted(signum, i + 1, path, history)
     finally:
         bar.close()
     model.eval()
@@ -341,6 +361,20 @@ def _load_for_resume(resume: bool | str | Path, directory: str | Path | None) ->
             log.info("no checkpoint in %s yet: starting from step 0", directory)
         return found
     return Path(resume), ckpt.load_checkpoint(resume)  # type: ignore[arg-type]
+
+
+def _rng_of_this_rank(path: Path, payload: dict[str, Any], world: int) -> tuple[dict[str, Any], bool]:
+    """The saved RNG state this rank restores, and whether to re-seed it (a checkpoint of another world size)."""
+    ranks = payload.get("rng_ranks")
+    saved_world = len(ranks) if ranks else 1
+    if saved_world == world:
+        return (ranks[distributed.rank()] if ranks else payload["rng"]), False
+    if distributed.is_main():
+        log.warning(
+            "%s was written by %d process(es), resuming with %d: the tasks are split differently and the attack "
+            "random starts differ, so the run continues but does not repeat bit for bit", path, saved_world, world,
+        )  # fmt: skip
+    return payload["rng"], world > 1  # more than one rank: re-seed, or every rank would draw rank 0's starts
 
 
 def _check_same_run(path: Path, payload: dict[str, Any], config: Any, loop_identity: dict[str, Any]) -> None:
@@ -405,15 +439,22 @@ def update_if_finite(
     buffers: Mapping[str, Tensor],
     before: Mapping[str, Tensor],
     extra: Sequence[Tensor] = (),
+    *,
+    sum_over_ranks: bool = False,
 ) -> tuple[list[float], bool]:
     """Back-propagate ``loss`` and step ``optimizer`` only if the loss and the gradient norm are finite.
 
     Otherwise the gradients are dropped and ``buffers`` (BatchNorm statistics) are restored from
     ``before``, so a bad step changes nothing. Returns ``([loss, grad_norm, *extra], skipped)`` read
     from the device in one host sync (``extra``: scalar tensors to log with the step).
+    ``sum_over_ranks``: under torchrun, ``loss`` is this rank's share and the loss and gradients are
+    summed over ranks before the check, so every rank takes the same decision and the same step.
     """
+    params = list(params)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if sum_over_ranks:
+        loss = distributed.all_reduce_gradients(params, loss)
     norms = [torch.linalg.vector_norm(p.grad) for p in params if p.grad is not None]
     grad_norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros((), device=loss.device)
     stats = torch.stack([loss.detach(), grad_norm, *extra]).tolist()
@@ -481,25 +522,34 @@ def meta_train(
             "set sample_replace=True or sample fewer tasks"
         )
     _check_fit_options(checkpoint_dir, checkpoint_every, keep_last, resume, config.max_bad_steps)
-    device = resolve_device(config.device)
-    torch.manual_seed(config.seed)  # attack random starts (a resume restores the saved RNG state later)
+    device = distributed.setup(resolve_device(config.device))  # under torchrun: join the group, cuda:LOCAL_RANK
+    rank, world = distributed.rank(), distributed.world_size()
+    mine = distributed.shard(config.tasks_per_batch, rank, world)  # this rank's tasks of every meta-batch
+    per_task = config.support_size + config.query_size
+    rows = slice(mine.start * per_task, mine.stop * per_task)  # their clean examples in the shared batch
+    torch.manual_seed(config.seed + rank)  # attack random starts, distinct per rank (a resume restores them later)
     model.to(device)
     x, y = training_tensors(model, train_data, device)
     params, buffers = state(model)
+    distributed.broadcast_tensors([*params.values(), *buffers.values()])  # every rank starts from rank 0's model
     optimizer = make_optimizer(params.values(), config.outer_optimizer, config.outer_lr, config.weight_decay)
-    task_rng = torch.Generator().manual_seed(config.seed + 1)
+    task_rng = torch.Generator().manual_seed(config.seed + 1)  # shared by all ranks: the same tasks everywhere
 
     def step(xb: Tensor, yb: Tensor) -> dict[str, Any]:
         before = {k: b.clone() for k, b in buffers.items()}  # put back if the step is skipped
         batch = tasks.sample(config.tasks_per_batch, replace=config.sample_replace, generator=task_rng)
-        out = meta_batch_loss(model, params, buffers, batch, xb, yb, config)
-        stats, skipped = update_if_finite(optimizer, out.loss, params.values(), buffers, before,
-                                          extra=[*out.query_loss, *out.query_acc])  # fmt: skip
+        out = meta_batch_loss(model, params, buffers, batch[mine], xb[rows], yb[rows], config)
+        query = distributed.gather_tasks(torch.stack([out.query_loss, out.query_acc]))  # (2, all tasks)
+        # out.loss is the mean over this rank's tasks: / world makes the sum over ranks the mean over all tasks
+        stats, skipped = update_if_finite(optimizer, out.loss / world, params.values(), buffers, before,
+                                          extra=[*query[0], *query[1]], sum_over_ranks=world > 1)  # fmt: skip
+        if not skipped:
+            distributed.average_buffers(buffers, before)  # BatchNorm statistics: the mean over ranks
         n = len(batch)
         return {
             "loss": stats[0],
-            "task_names": list(out.task_names),
-            "task_specs": list(out.task_specs),
+            "task_names": [t.name for t in batch],
+            "task_specs": [t.attack.spec for t in batch],
             "query_loss": stats[2 : 2 + n],
             "query_acc": stats[2 + n :],
             "grad_norm": stats[1],

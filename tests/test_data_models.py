@@ -1,11 +1,15 @@
 """The embedded data set and the reference model: shapes, ranges, a fixed stratified split, clear errors."""
 
 import importlib.util
+from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
-from metaadv import data, models
+from metaadv import AttackDistribution, data, load_run_config, models
+from metaadv.attacks import make
 
 
 def test_mnist5k_is_a_fixed_stratified_split_of_real_digits_in_unit_range():
@@ -62,3 +66,39 @@ def test_build_names_the_problem():
         models.build({"name": "ResNet"})
     with pytest.raises(ValueError, match="bad arguments"):
         models.build({"name": "SmallCNN", "depth": 3})
+
+
+def test_preact_resnet18_maps_cifar_images_to_logits_with_11_2m_parameters():
+    model = models.build({"name": "PreActResNet18", "in_channels": 3, "num_classes": 10})
+    assert isinstance(model, models.PreActResNet18)
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+    assert sum(p.numel() for p in model.parameters()) == 11_172_170
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == 17  # 2 per block + the last
+    assert models.PreActResNet18(in_channels=1, num_classes=7)(torch.rand(2, 1, 28, 28)).shape == (2, 7)
+
+
+def test_torchvision_arrays_become_tensor_datasets_in_unit_range():
+    """The conversion of torchvision's ``.data``/``.targets`` (checked without downloading anything)."""
+    cifar = SimpleNamespace(
+        data=np.full((4, 32, 32, 3), 255, np.uint8), targets=[0, 1, 2, 9], classes=list("abcdefghij")
+    )
+    cifar.data[0, 1, 2] = (0, 51, 102)  # one pixel of image 0 at row 1, column 2 (H, W, C order)
+    out = data._torchvision_tensors(cifar)
+    assert out.x.shape == (4, 3, 32, 32) and out.x.dtype == torch.float32 and out.num_classes == 10
+    assert out.x[0, :, 1, 2].tolist() == pytest.approx([0.0, 0.2, 0.4]) and float(out.x.max()) == 1.0
+    assert out.y.tolist() == [0, 1, 2, 9]
+    mnist = SimpleNamespace(
+        data=torch.zeros(3, 28, 28, dtype=torch.uint8), targets=torch.tensor([1, 2, 3]), classes=list(range(10))
+    )
+    assert data._torchvision_tensors(mnist).x.shape == (3, 1, 28, 28)
+
+
+def test_cifar10_config_uses_the_cifar10_threat_models():
+    assert set(data.THREAT_MODELS) <= set(data.NAMES)
+    eps = data.THREAT_MODELS["cifar10"]
+    cfg = load_run_config(Path(__file__).resolve().parents[1] / "configs" / "cifar10_preact.yaml")
+    assert cfg.data == "cifar10" and cfg.model["name"] == "PreActResNet18"
+    trained = {a.name: a.params["eps"] for a in AttackDistribution(**cfg.tasks).types}
+    assert trained["pgd_linf"] == pytest.approx(eps["linf"]) and trained["pgd_l2"] == pytest.approx(eps["l2"])
+    held_out = [make(a) for a in cfg.eval["attacks"]]
+    assert any(a.name == "pgd_l1" and a.params["eps"] == eps["l1"] for a in held_out)
