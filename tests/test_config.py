@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -59,9 +60,11 @@ def test_run_config_round_trips_through_yaml_and_json(tmp_path):
 
 
 def test_shipped_configs_load():
-    for name in ("configs/mnist5k.yaml",):
+    names = sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml"))
+    assert len(names) >= 3
+    for name in names:
         cfg = load_run_config(name)
-        assert cfg.tasks["specs"]
+        assert cfg.tasks["specs"], name
 
 
 @pytest.mark.parametrize(
