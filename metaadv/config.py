@@ -16,6 +16,7 @@ __all__ = ["MetaConfig", "RunConfig", "load_run_config", "read_config_file", "ru
 
 _OPTIMIZERS = ("adam", "sgd")
 _QUERY_ATTACK = ("meta", "adapted")
+INNER_PARAMS = ("all", "head")  # what the inner loop adapts (see inner.inner_parameter_names)
 
 
 def _is_int(v: Any) -> bool:
@@ -51,6 +52,11 @@ class MetaConfig:
     max_bad_steps: int = 5  # stop after this many consecutive meta-steps with a non-finite loss/gradient (each skipped)
     deterministic: bool = False  # GPU: deterministic cuDNN/cuBLAS kernels (slower); CPU runs repeat exactly anyway
     batched: bool = False  # task-batched meta-step: one attack call per attack family, vmap over tasks (GPU)
+    # Inner-loop options (docs/meta_options.md); the defaults are plain MAML.
+    inner_params: str = "all"  # adapted in the inner loop: "all" or "head" (ANIL: the last layer with parameters)
+    proximal: float = 0.0  # lambda >= 0: the inner loss is L_support(theta') + lambda * ||theta' - theta||^2
+    first_order_until: int = 0  # meta-steps 0..N-1 first order, then second order (MAML++); first_order wins
+    learn_inner_lr: bool = False  # Meta-SGD: a learned step size per parameter entry, initialized to inner_lr
 
     def __post_init__(self) -> None:
         for name in ("tasks_per_batch", "support_size", "query_size", "epochs", "log_every", "max_bad_steps"):
@@ -62,7 +68,11 @@ class MetaConfig:
             self._require(name, _is_num(getattr(self, name)) and getattr(self, name) > 0, "a number > 0")
         self._require("weight_decay", _is_num(self.weight_decay) and self.weight_decay >= 0, "a number >= 0")
         self._require("clean_weight", _is_num(self.clean_weight) and 0 <= self.clean_weight <= 1, "in [0, 1]")
-        for name in ("first_order", "sample_replace", "deterministic", "batched"):
+        self._require("proximal", _is_num(self.proximal) and self.proximal >= 0, "a number >= 0")
+        self._require("first_order_until", _is_int(self.first_order_until) and self.first_order_until >= 0,
+                      "an integer >= 0")  # fmt: skip
+        self._require("inner_params", self.inner_params in INNER_PARAMS, f"one of {INNER_PARAMS}")
+        for name in ("first_order", "sample_replace", "deterministic", "batched", "learn_inner_lr"):
             self._require(name, isinstance(getattr(self, name), bool), "True or False")
         self._require("outer_optimizer", self.outer_optimizer in _OPTIMIZERS, f"one of {_OPTIMIZERS}")
         self._require("query_attack", self.query_attack in _QUERY_ATTACK, f"one of {_QUERY_ATTACK}")
@@ -71,6 +81,17 @@ class MetaConfig:
     def _require(self, name: str, ok: bool, allowed: str) -> None:
         if not ok:
             raise ValueError(f"MetaConfig.{name} must be {allowed}, got {getattr(self, name)!r}")
+
+    def first_order_at(self, step: int | None) -> bool:
+        """Whether meta-step ``step`` (0-based) uses first-order meta-gradients: ``first_order``, or
+        ``step < first_order_until``. ``step=None`` is allowed only without a schedule (``first_order_until=0``)."""
+        if step is None:
+            if self.first_order_until:
+                raise ValueError(
+                    f"MetaConfig.first_order_until={self.first_order_until} needs the meta-step index: pass step="
+                )
+            return self.first_order
+        return self.first_order or step < self.first_order_until
 
     @property
     def examples_per_step(self) -> int:

@@ -2,6 +2,8 @@
 
 One ``adapt`` serves meta-training (differentiable, second order by default) and few-shot evaluation;
 ``adapt_tasks`` runs the same update rule for a batch of tasks at once (``vmap``, task-batched meta-step).
+Options of the update rule (docs/meta_options.md): adapt only the head (ANIL), a proximal term pulling the
+adapted copy towards the start (soft parameter sharing), and per-parameter step sizes (Meta-SGD).
 """
 
 from __future__ import annotations
@@ -14,13 +16,41 @@ from torch import Tensor, nn
 from torch.func import grad, vmap
 
 from .batchnorm import BatchNormFromPrimitives
+from .config import INNER_PARAMS
 from .functional import Params, call, clone_buffers, detach, state
 from .validation import check_positive
 
-__all__ = ["adapt", "adapt_tasks"]
+__all__ = ["adapt", "adapt_tasks", "init_inner_lr", "inner_parameter_names"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
-Gradient = Callable[[Params], Params]  # theta -> gradient of the support loss at theta, by name
+Gradient = Callable[[Params], Params]  # adapted parameters -> gradient of the support loss there, by name
+LearningRate = float | Mapping[str, Tensor]  # one step size, or one tensor per adapted parameter (Meta-SGD)
+
+
+def inner_parameter_names(model: nn.Module, inner_params: str = "all") -> list[str]:
+    """Names of the parameters the inner loop adapts: ``"all"`` of them, or the ``"head"``.
+
+    The head (ANIL, Raghu et al. 2020) is the last module in ``model.named_modules()`` order (registration
+    order) that holds parameters of its own: SmallCNN's final ``head.3`` Linear, PreActResNet18's ``linear``.
+    A model that registers its classifier before other layers needs ``"all"`` or another layout.
+    """
+    if inner_params not in INNER_PARAMS:
+        raise ValueError(f"inner_params must be one of {INNER_PARAMS}, got {inner_params!r}")
+    names = [k for k, _ in model.named_parameters()]
+    if inner_params == "all":
+        return names
+    owners = [prefix for prefix, m in model.named_modules() if list(m.parameters(recurse=False))]
+    head = [k for k in names if owners and k.rpartition(".")[0] == owners[-1]]
+    if not head:  # no parameters, or the last layer's are shared with an earlier one
+        raise ValueError(f"inner_params='head' found no head parameters of their own in {type(model).__name__}")
+    return head
+
+
+def init_inner_lr(model: nn.Module, lr: float, inner_params: str = "all") -> Params:
+    """Meta-SGD's learnable step sizes: a leaf tensor filled with ``lr`` shaped like each adapted parameter."""
+    check_positive(lr, "lr")
+    own = dict(model.named_parameters())
+    return {k: torch.full_like(own[k], lr).requires_grad_() for k in inner_parameter_names(model, inner_params)}
 
 
 def adapt(
@@ -31,9 +61,11 @@ def adapt(
     params: Mapping[str, Tensor] | None = None,
     buffers: Mapping[str, Tensor] | None = None,
     steps: int = 1,
-    lr: float = 0.01,
+    lr: LearningRate = 0.01,
     first_order: bool = False,
     loss_fn: LossFn = F.cross_entropy,
+    inner_params: str = "all",
+    proximal: float = 0.0,
 ) -> Params:
     """Take ``steps`` SGD steps ``theta <- theta - lr * grad L(f_theta(x), y)`` on a functional copy.
 
@@ -47,11 +79,16 @@ def adapt(
             running statistics of a training-mode model do not move). Pass per-task buffers to keep
             per-task statistics; they are updated in place when the model is in training mode.
         steps: number of inner SGD steps (>= 0).
-        lr: inner learning rate (> 0).
+        lr: inner learning rate (> 0), or a tensor per adapted parameter, shaped like it (Meta-SGD's
+            learned step sizes, see ``init_inner_lr``; the result is differentiable w.r.t. them).
         first_order: if True, the inner gradients are detached (first-order MAML): the meta-gradient
             becomes the query gradient at the adapted point. If False (default), the inner gradients
             keep their graph (``create_graph=True``) and the meta-gradient is exact (second order).
         loss_fn: ``loss_fn(logits, y) -> scalar``.
+        inner_params: ``"all"`` adapts every parameter; ``"head"`` only the last layer's (ANIL, see
+            ``inner_parameter_names``): the others stay at ``params`` and still receive meta-gradients.
+        proximal: weight lambda >= 0 of a proximal term: each step descends
+            ``L(f_theta'(x), y) + lambda * ||theta' - theta||^2`` with theta the starting parameters.
 
     Returns:
         The adapted parameters, a dict name -> tensor usable as
@@ -59,19 +96,19 @@ def adapt(
 
     The model's train/eval mode decides BatchNorm's behaviour, as in a normal forward pass.
     """
-    theta, own_buffers = _start(model, params, steps, lr)
+    theta, fast, own_buffers = _start(model, params, steps, lr, inner_params, proximal)
     scratch = clone_buffers(own_buffers) if buffers is None else buffers
     # Parameters that carry no graph (e.g. detached copies at evaluation time) become leaves we can
     # differentiate; parameters from the meta-model keep their graph.
-    theta = {k: v if v.requires_grad else v.detach().requires_grad_() for k, v in theta.items()}
+    fast = {k: theta[k] if theta[k].requires_grad else theta[k].detach().requires_grad_() for k in fast}
 
-    def gradient(theta: Params) -> Params:
-        loss = loss_fn(call(model, theta, scratch, x), y)
-        grads = torch.autograd.grad(loss, list(theta.values()), create_graph=not first_order)
-        return dict(zip(theta, grads, strict=True))
+    def gradient(fast: Params) -> Params:
+        loss = loss_fn(call(model, {**theta, **fast}, scratch, x), y)
+        grads = torch.autograd.grad(loss, list(fast.values()), create_graph=not first_order)
+        return dict(zip(fast, grads, strict=True))
 
     with torch.enable_grad():
-        return _sgd_steps(theta, gradient, steps, lr)
+        return {**theta, **_sgd_steps(fast, gradient, steps, lr, proximal)}
 
 
 def adapt_tasks(
@@ -82,51 +119,73 @@ def adapt_tasks(
     params: Mapping[str, Tensor] | None = None,
     buffers: Mapping[str, Tensor] | None = None,
     steps: int = 1,
-    lr: float = 0.01,
+    lr: LearningRate = 0.01,
     first_order: bool = False,
     loss_fn: LossFn = F.cross_entropy,
+    inner_params: str = "all",
+    proximal: float = 0.0,
 ) -> Params:
     """``adapt`` for T tasks at once: support images ``x`` (T, S, C, H, W), labels ``y`` (T, S).
 
     The same update rule as ``adapt``, vmapped over the task dimension, with the gradient from
     ``torch.func.grad`` (``torch.autograd.grad`` does not run under vmap; first order takes it at a
     detached copy). Returns adapted parameters name -> (T, *shape), differentiable w.r.t. ``params``
-    as ``adapt``'s are. BatchNorm is computed from primitives (native BatchNorm's second-order gradients
-    are wrong under vmap) and never moves running statistics: ``buffers`` (default: the model's) are
-    read, not updated. Unlike ``adapt`` it cannot run inside ``torch.autograd.graph.saved_tensors_hooks``
-    (torch.func's limitation).
+    as ``adapt``'s are (parameters the inner loop does not adapt are expanded views of ``params``).
+    BatchNorm is computed from primitives (native BatchNorm's second-order gradients are wrong under
+    vmap) and never moves running statistics: ``buffers`` (default: the model's) are read, not updated.
+    Unlike ``adapt`` it cannot run inside ``torch.autograd.graph.saved_tensors_hooks`` (torch.func's limitation).
     """
-    theta, own_buffers = _start(model, params, steps, lr)
+    theta, fast, own_buffers = _start(model, params, steps, lr, inner_params, proximal)
     scratch = clone_buffers(own_buffers if buffers is None else buffers)  # BatchNorm's batch counts land here
 
     def one_task(xs: Tensor, ys: Tensor) -> Params:
-        def support_loss(theta: Params, scratch: Params) -> Tensor:  # buffers an argument: torch.func lets it mutate
-            return loss_fn(call(model, theta, scratch, xs), ys)
+        def support_loss(fast: Params, theta: Params, scratch: Params) -> Tensor:  # torch.func lets scratch mutate
+            return loss_fn(call(model, {**theta, **fast}, scratch, xs), ys)
 
-        def gradient(theta: Params) -> Params:
-            return grad(support_loss)(detach(theta) if first_order else theta, scratch)
+        def gradient(fast: Params) -> Params:
+            at = (detach(fast), detach(theta)) if first_order else (fast, theta)
+            return grad(support_loss)(*at, scratch)
 
-        return _sgd_steps(theta, gradient, steps, lr)
+        return _sgd_steps(fast, gradient, steps, lr, proximal)
 
     with BatchNormFromPrimitives(), torch.enable_grad():
-        return vmap(one_task)(x, y)
+        adapted = vmap(one_task)(x, y)
+    return {k: adapted[k] if k in adapted else v.expand(len(x), *v.shape) for k, v in theta.items()}
 
 
-def _start(model: nn.Module, params: Mapping[str, Tensor] | None, steps: int, lr: float) -> tuple[Params, Params]:
-    """Checked arguments: the starting parameters (default: the model's) and the model's own buffers."""
+def _start(
+    model: nn.Module, params: Mapping[str, Tensor] | None, steps: int, lr: LearningRate, inner_params: str,
+    proximal: float,
+) -> tuple[Params, Params, Params]:  # fmt: skip
+    """Checked arguments: the starting parameters (default: the model's), those the inner loop adapts, and
+    the model's own buffers."""
     check_positive(steps, "steps", allow_zero=True, integer=True)
-    check_positive(lr, "lr")
+    check_positive(proximal, "proximal", allow_zero=True)
     own_params, own_buffers = state(model)
     theta = dict(own_params if params is None else params)
     if set(theta) != set(own_params):
         missing, extra = set(own_params) - set(theta), set(theta) - set(own_params)
         raise ValueError(f"params must name every model parameter; missing {sorted(missing)}, extra {sorted(extra)}")
-    return theta, own_buffers
+    fast = {k: theta[k] for k in inner_parameter_names(model, inner_params)}
+    if isinstance(lr, Mapping):
+        if set(lr) != set(fast):
+            raise ValueError(f"lr must hold one tensor per adapted parameter {sorted(fast)}, got {sorted(lr)}")
+        for k, v in lr.items():
+            if not isinstance(v, Tensor) or v.shape != fast[k].shape:
+                raise ValueError(f"lr[{k!r}] must be a tensor of shape {tuple(fast[k].shape)}, got {v!r}")
+    else:
+        check_positive(lr, "lr")
+    return theta, fast, own_buffers
 
 
-def _sgd_steps(theta: Params, gradient: Gradient, steps: int, lr: float) -> Params:
-    """The inner-loop update rule: ``steps`` times ``theta <- theta - lr * gradient(theta)``."""
+def _sgd_steps(theta: Params, gradient: Gradient, steps: int, lr: LearningRate, proximal: float) -> Params:
+    """The inner-loop update rule on the adapted parameters ``theta``: ``steps`` times
+    ``theta' <- theta' - lr * (gradient(theta') + 2 * proximal * (theta' - theta))`` (``lr`` a number or
+    a tensor per name), starting from ``theta' = theta``; theta stays in the graph."""
+    fast = theta
     for _ in range(steps):
-        grads = gradient(theta)
-        theta = {k: p - lr * grads[k] for k, p in theta.items()}
-    return theta
+        grads = gradient(fast)
+        if proximal:
+            grads = {k: g + 2 * proximal * (fast[k] - theta[k]) for k, g in grads.items()}
+        fast = {k: p - (lr[k] if isinstance(lr, Mapping) else lr) * grads[k] for k, p in fast.items()}
+    return fast

@@ -6,14 +6,17 @@ For each task i with support set S_i and query set Q_i (adversarial examples of 
     L_meta   = sum_i w_i * L(f_{theta_i'}, Q_i),   w_i = 1/n          (query loss at the adapted point)
 
 and the meta-optimizer steps theta along grad_theta L_meta (second order unless ``first_order``).
+The inner loop's options (head only, proximal term, first-order schedule, Meta-SGD step sizes) come
+from ``MetaConfig``; see docs/meta_options.md.
 A meta-step has two stages: ``craft_task_sets`` (the attacks) and ``task_losses`` (inner loop and query
 loss), each either looped over tasks or task-batched (``MetaConfig.batched``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +63,9 @@ def meta_batch_loss(
     x: Tensor,
     y: Tensor,
     config: MetaConfig,
+    *,
+    step: int | None = None,
+    inner_lr: Mapping[str, Tensor] | None = None,
 ) -> MetaBatchLoss:
     """Compute the meta-loss of ``tasks`` on the clean batch ``x`` (B, C, H, W), ``y`` (B,).
 
@@ -70,9 +76,11 @@ def meta_batch_loss(
     (``"adapted"``: exact for many inner steps, one more attack per task). Only the query forward
     passes update ``buffers`` (BatchNorm running statistics); attacks and the inner loop use scratch copies.
     With ``config.batched`` both stages run task-batched (see ``craft_task_sets`` and ``task_losses``).
+    ``step`` and ``inner_lr`` are ``task_losses``'s.
     """
     sets = craft_task_sets(model, params, buffers, tasks, x, y, config)
-    losses, query_loss, query_acc = task_losses(model, params, buffers, tasks, sets, config)
+    losses, query_loss, query_acc = task_losses(model, params, buffers, tasks, sets, config, step=step,
+                                                inner_lr=inner_lr)  # fmt: skip
     return MetaBatchLoss(
         loss=losses.mean(),
         task_names=tuple(t.name for t in tasks),
@@ -126,6 +134,9 @@ def task_losses(
     tasks: Sequence[AttackTask],
     sets: Sequence[TaskSets],
     config: MetaConfig,
+    *,
+    step: int | None = None,
+    inner_lr: Mapping[str, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The loss stage: adapt to each task's support set, then its query loss at the adapted point.
 
@@ -134,18 +145,32 @@ def task_losses(
     adapted copy (one attack call per task, looped in both modes). The query forward passes update the
     BatchNorm running statistics in ``buffers`` once per task, in task order.
 
+    The inner loop is ``config``'s (``inner_steps``, ``inner_params``, ``proximal``), first order iff
+    ``config.first_order_at(step)`` (``step``: the 0-based meta-step index, needed when
+    ``config.first_order_until > 0``). ``inner_lr``: Meta-SGD's step sizes, name -> tensor shaped like each
+    adapted parameter (see ``inner.init_inner_lr``); required when ``config.learn_inner_lr``, else
+    ``config.inner_lr`` is used.
+
     Batched (``config.batched``; all tasks need equal support and query sizes): the inner loop is
     ``adapt_tasks`` (``adapt``'s update rule vmapped over tasks) and the query loss is vmapped, with
     BatchNorm computed from primitives in both (native BatchNorm's second-order gradients are wrong under
     vmap) and the running-statistics updates applied after the vmapped query pass, task by task. Equal to
     the looped stage up to float rounding.
     """
+    if config.learn_inner_lr and inner_lr is None:
+        raise ValueError("MetaConfig.learn_inner_lr=True needs the learned step sizes: pass inner_lr=")
+    inner = {
+        "steps": config.inner_steps,
+        "lr": config.inner_lr if inner_lr is None else inner_lr,
+        "first_order": config.first_order_at(step),
+        "inner_params": config.inner_params,
+        "proximal": config.proximal,
+    }
     if config.batched:
-        return _batched_losses(model, params, buffers, tasks, sets, config)
+        return _batched_losses(model, params, buffers, tasks, sets, config, inner)
     out = []
     for task, s in zip(tasks, sets, strict=True):
-        adapted = adapt(model, s.support, s.support_y, params=params, steps=config.inner_steps, lr=config.inner_lr,
-                        first_order=config.first_order)  # fmt: skip
+        adapted = adapt(model, s.support, s.support_y, params=params, **inner)
         query = s.query if s.query is not None else task(model_fn(model, adapted, buffers), s.query_clean, s.query_y)
         out.append(_query_loss(model, adapted, buffers, query, s.query_clean, s.query_y, config.clean_weight))
     loss, query_loss, query_acc = (torch.stack(v) for v in zip(*out, strict=True))
@@ -159,11 +184,11 @@ def _batched_losses(
     tasks: Sequence[AttackTask],
     sets: Sequence[TaskSets],
     config: MetaConfig,
+    inner: Mapping[str, Any],
 ) -> tuple[Tensor, Tensor, Tensor]:
     support = torch.stack([s.support for s in sets])  # (T, S, C, H, W)
     support_y = torch.stack([s.support_y for s in sets])  # (T, S)
-    adapted = adapt_tasks(model, support, support_y, params=params, buffers=buffers, steps=config.inner_steps,
-                          lr=config.inner_lr, first_order=config.first_order)  # fmt: skip
+    adapted = adapt_tasks(model, support, support_y, params=params, buffers=buffers, **inner)
     queries = [
         s.query if s.query is not None
         else run_grouped([task.attack], model_fn(model, {k: v[i] for k, v in adapted.items()}, buffers),

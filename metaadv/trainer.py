@@ -33,7 +33,8 @@ from . import checkpoint as ckpt
 from . import distributed
 from .config import MetaConfig
 from .data import to_tensors
-from .functional import state
+from .functional import Params, state
+from .inner import init_inner_lr
 from .meta import meta_batch_loss
 from .tasks import AttackDistribution
 from .validation import check_labels, check_logits
@@ -54,6 +55,8 @@ StepFn = Callable[[Tensor, Tensor], dict[str, Any]]
 
 # MetaConfig fields a resumed run may change: they do not alter the steps already taken.
 RESUMABLE_CHANGES = ("steps", "epochs", "log_every", "device", "max_bad_steps", "batched")
+# MetaConfig fields newer than the first checkpoints: recorded only when not at their default, so those resume.
+LATER_FIELDS = ("inner_params", "proximal", "first_order_until", "learn_inner_lr")
 
 
 @dataclass
@@ -63,6 +66,7 @@ class TrainResult:
     model: nn.Module
     history: list[dict[str, Any]] = field(default_factory=list)  # per step: step, epoch, seconds, loss, ...
     seconds: float = 0.0  # wall-clock of the whole run (all resumed segments together)
+    inner_lr: Params | None = None  # meta_train with learn_inner_lr: Meta-SGD's step sizes, name -> like the param
 
 
 class TrainingInterrupted(Exception):
@@ -72,6 +76,40 @@ class TrainingInterrupted(Exception):
         self.signum, self.step, self.checkpoint, self.history = signum, step, checkpoint, history
         saved = f"checkpoint saved to {checkpoint}" if checkpoint else "no checkpoint directory, nothing saved"
         super().__init__(f"interrupted by {signal.Signals(signum).name} after step {step}; {saved}")
+
+
+class _Tensors:
+    """Named tensors in ``fit``'s ``state`` protocol: saved in checkpoints, restored in place."""
+
+    def __init__(self, tensors: Params) -> None:
+        self.tensors = tensors
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {k: v.detach().clone() for k, v in self.tensors.items()}
+
+    def load_state_dict(self, saved: Mapping[str, Tensor]) -> None:
+        if set(saved) != set(self.tensors):
+            raise KeyError(f"saved tensors {sorted(saved)}, this run has {sorted(self.tensors)}")
+        with torch.no_grad():
+            for k, v in self.tensors.items():
+                v.copy_(saved[k])  # RuntimeError on a shape mismatch
+
+
+class _StepCount:
+    """The 0-based index of the next meta-step, in ``fit``'s ``state`` protocol (a resume restores it)."""
+
+    def __init__(self) -> None:
+        self.next = 0
+
+    def take(self) -> int:
+        self.next += 1
+        return self.next - 1
+
+    def state_dict(self) -> dict[str, int]:
+        return {"next": self.next}
+
+    def load_state_dict(self, saved: Mapping[str, int]) -> None:
+        self.next = int(saved["next"])
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -502,7 +540,11 @@ def meta_train(
         ``.history``: per meta-step ``loss`` (the meta-loss), ``task_names``, ``task_specs``,
         ``query_loss`` and ``query_acc`` (per task, adversarial query set after adaptation),
         ``grad_norm`` (of the meta-gradient), ``skipped`` (True if the loss or gradient was not finite
-        and the update was skipped), ``bad_steps`` (skipped so far), ``seconds``.
+        and the update was skipped), ``bad_steps`` (skipped so far), ``seconds``. With
+        ``config.learn_inner_lr`` (Meta-SGD), ``.inner_lr`` holds the learned per-parameter inner step
+        sizes (name -> tensor shaped like the parameter; pass them as ``adapt(..., lr=result.inner_lr)``).
+        They are meta-learned by the outer optimizer (without weight decay), included in ``grad_norm``,
+        and saved in checkpoints. With ``config.first_order_until`` the checkpoints also hold the meta-step index.
 
     Raises:
         NonFiniteLossError: ``config.max_bad_steps`` consecutive meta-steps were skipped.
@@ -532,16 +574,26 @@ def meta_train(
     x, y = training_tensors(model, train_data, device)
     params, buffers = state(model)
     distributed.broadcast_tensors([*params.values(), *buffers.values()])  # every rank starts from rank 0's model
-    optimizer = make_optimizer(params.values(), config.outer_optimizer, config.outer_lr, config.weight_decay)
+    inner_lr = init_inner_lr(model, config.inner_lr, config.inner_params) if config.learn_inner_lr else {}
+    groups = [{"params": list(params.values())}]
+    if inner_lr:
+        groups.append({"params": list(inner_lr.values()), "weight_decay": 0.0})  # step sizes: no decay
+    optimizer = make_optimizer(groups, config.outer_optimizer, config.outer_lr, config.weight_decay)
+    meta_params = [*params.values(), *inner_lr.values()]
     task_rng = torch.Generator().manual_seed(config.seed + 1)  # shared by all ranks: the same tasks everywhere
+    schedule = _StepCount() if config.first_order_until else None  # first-order -> second-order annealing
 
     def step(xb: Tensor, yb: Tensor) -> dict[str, Any]:
         before = {k: b.clone() for k, b in buffers.items()}  # put back if the step is skipped
         batch = tasks.sample(config.tasks_per_batch, replace=config.sample_replace, generator=task_rng)
-        out = meta_batch_loss(model, params, buffers, batch[mine], xb[rows], yb[rows], config)
+        index = schedule.take() if schedule is not None else None
+        if index == config.first_order_until and not config.first_order and distributed.is_main():
+            log.info("meta-step %d: switching from first-order to second-order meta-gradients", index + 1)
+        out = meta_batch_loss(model, params, buffers, batch[mine], xb[rows], yb[rows], config, step=index,
+                              inner_lr=inner_lr or None)  # fmt: skip
         query = distributed.gather_tasks(torch.stack([out.query_loss, out.query_acc]))  # (2, all tasks)
         # out.loss is the mean over this rank's tasks: / world makes the sum over ranks the mean over all tasks
-        stats, skipped = update_if_finite(optimizer, out.loss / world, params.values(), buffers, before,
+        stats, skipped = update_if_finite(optimizer, out.loss / world, meta_params, buffers, before,
                                           extra=[*query[0], *query[1]], sum_over_ranks=world > 1)  # fmt: skip
         if not skipped:
             distributed.average_buffers(buffers, before)  # BatchNorm statistics: the mean over ranks
@@ -558,7 +610,11 @@ def meta_train(
 
     run = {
         "method": "meta_train",
-        "meta": {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES},
+        "meta": {
+            k: v
+            for k, v in config.to_dict().items()
+            if k not in RESUMABLE_CHANGES and not (k in LATER_FIELDS and v == getattr(MetaConfig, k))
+        },
         "tasks": {
             "specs": [a.spec for a in tasks.types],
             "weights": tasks.weights.tolist(),
@@ -567,10 +623,14 @@ def meta_train(
         "model": type(model).__name__,
     }
     extra = {"optimizer": optimizer, "task_rng": ckpt.GeneratorState(task_rng), "tasks": tasks}
+    extra |= {"inner_lr": _Tensors(inner_lr)} if inner_lr else {}
+    extra |= {"meta_step": schedule} if schedule is not None else {}
     with deterministic_algorithms(config.deterministic):
-        return fit(
+        result = fit(
             model, x, y, step, batch_size=config.examples_per_step, epochs=config.epochs, steps=config.steps,
             seed=config.seed, log_every=config.log_every, progress=progress, desc="meta-train", state=extra,
             checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, keep_last=keep_last, resume=resume,
             max_bad_steps=config.max_bad_steps, config=run,
         )  # fmt: skip
+    result.inner_lr = {k: v.detach() for k, v in inner_lr.items()} if inner_lr else None
+    return result
