@@ -48,7 +48,7 @@ BASELINE_ATTACKS = {  # method -> which protocol attacks it trains on
     "msd": lambda p: p["train_attacks"],
     "sat": lambda p: p["train_attacks"],
 }
-META_METHODS = {"meta_fo": True, "meta_so": False}  # name -> first_order
+META_METHODS = {"meta_fo": {"first_order": True}, "meta_so": {"first_order": False}}  # name -> MetaConfig changes
 QUICK = {"epochs": 1, "n_examples": 64, "sanity_examples": 48, "shots": [8], "train_examples": 512}
 
 
@@ -93,13 +93,14 @@ def hardware(model: torch.nn.Module) -> dict[str, Any]:
 def train(method: str, protocol: dict, train_data, seed: int, device: str) -> ma.TrainResult:
     torch.manual_seed(seed)  # the model's initialization
     model = ma.models.build(protocol["model"])
-    if method in META_METHODS:
-        config = ma.MetaConfig(**protocol["meta"], first_order=META_METHODS[method], epochs=protocol["epochs"],
-                               seed=seed, device=device)  # fmt: skip
+    variants = {**META_METHODS, **protocol.get("meta_variants", {})}  # a protocol may name meta-options to ablate
+    if method in variants:
+        config = ma.MetaConfig(**{**protocol["meta"], **variants[method]}, epochs=protocol["epochs"], seed=seed,
+                               device=device)  # fmt: skip
         tasks = ma.AttackDistribution(protocol["train_attacks"], seed=seed)
         return ma.meta_train(model, train_data, tasks, config, progress=False)
     if method not in BASELINE_ATTACKS:
-        raise ValueError(f"unknown method {method!r}; available: {[*BASELINE_ATTACKS, *META_METHODS]}")
+        raise ValueError(f"unknown method {method!r}; available: {[*BASELINE_ATTACKS, *variants]}")
     return adversarial_train(model, train_data, BASELINE_ATTACKS[method](protocol), method=method,
                              epochs=protocol["epochs"], batch_size=protocol["batch_size"], seed=seed,
                              device=device, progress=False)  # fmt: skip
