@@ -14,7 +14,6 @@ and NumPy's global state is restored afterwards. Defaults that differ from ART's
 from __future__ import annotations
 
 import functools
-import importlib
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -24,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .external import AsModule, signature_params
+from .external import AsModule, import_optional, signature_params
 from .registry import AttackEntry, register_namespace
 
 __all__ = ["INSTALL_HINT", "art_entry"]
@@ -32,13 +31,6 @@ __all__ = ["INSTALL_HINT", "art_entry"]
 INSTALL_HINT = "pip install adversarial-robustness-toolbox"
 _DEFAULTS = {"verbose": False, "batch_size": 256}
 _NORMS = {1: "l1", 2: "l2", "1": "l1", "2": "l2", "inf": "linf", float("inf"): "linf"}
-
-
-def _evasion() -> Any:
-    try:
-        return importlib.import_module("art.attacks.evasion")
-    except ImportError as e:
-        raise ImportError(f"'art:' attacks need the Adversarial Robustness Toolbox: {INSTALL_HINT}") from e
 
 
 def _norm(params: Mapping[str, Any]) -> str | None:
@@ -71,7 +63,7 @@ def _run(cls: type, model_fn: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, 
 @functools.cache
 def art_entry(class_name: str) -> AttackEntry:
     """The registry entry for ``art:<class_name>``; ValueError if ART has no such evasion attack."""
-    evasion = _evasion()
+    evasion = import_optional("art.attacks.evasion", "art", f"the Adversarial Robustness Toolbox: {INSTALL_HINT}")
     cls = getattr(evasion, class_name, None)
     params = list(inspect.signature(cls.__init__).parameters) if isinstance(cls, type) else []
     if len(params) < 2 or params[1] not in ("estimator", "classifier"):

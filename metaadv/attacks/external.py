@@ -8,6 +8,7 @@ constructor into spec parameters.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -17,7 +18,15 @@ from torch import Tensor, nn
 
 from .registry import STANDARD_CHECKS, Param
 
-__all__ = ["AsModule", "signature_params"]
+__all__ = ["AsModule", "import_optional", "signature_params"]
+
+
+def import_optional(module: str, namespace: str, need: str) -> Any:
+    """Import an optional attack library, or raise ImportError saying what ``namespace:`` attacks need."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(f"'{namespace}:' attacks need {need}") from e
 
 
 class _InputGradOnly(torch.autograd.Function):

@@ -14,7 +14,6 @@ threat model follows the class name (``L1...``/``SparseL1...``: l1, ``L2...``: l
 from __future__ import annotations
 
 import functools
-import importlib
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -22,19 +21,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .external import AsModule, signature_params
+from .external import AsModule, import_optional, signature_params
 from .registry import STANDARD_CHECKS, AttackEntry, Param, register_namespace
 
 __all__ = ["INSTALL_HINT", "foolbox_entry"]
 
 INSTALL_HINT = "pip install foolbox"
-
-
-def _foolbox() -> Any:
-    try:
-        return importlib.import_module("foolbox")
-    except ImportError as e:
-        raise ImportError(f"'foolbox:' attacks need Foolbox 3: {INSTALL_HINT}") from e
+_NEED = f"Foolbox 3: {INSTALL_HINT}"
 
 
 def _norm_of(class_name: str) -> str | None:
@@ -44,7 +37,7 @@ def _norm_of(class_name: str) -> str | None:
 
 def _run(cls: type, model_fn: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, *, eps: float | None,
          **kwargs: Any) -> Tensor:  # fmt: skip
-    fb = _foolbox()
+    fb = import_optional("foolbox", "foolbox", _NEED)
     fmodel = fb.PyTorchModel(AsModule(model_fn, x).eval(), bounds=(0.0, 1.0), device=x.device)
     with torch.enable_grad():
         _, clipped, _ = cls(**kwargs)(fmodel, x.detach(), y, epsilons=eps)
@@ -54,7 +47,7 @@ def _run(cls: type, model_fn: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, 
 @functools.cache
 def foolbox_entry(class_name: str) -> AttackEntry:
     """The registry entry for ``foolbox:<class_name>``; ValueError if Foolbox has no such attack."""
-    attacks = _foolbox().attacks
+    attacks = import_optional("foolbox", "foolbox", _NEED).attacks
     cls = getattr(attacks, class_name, None)
     if not (isinstance(cls, type) and issubclass(cls, attacks.base.Attack)) or inspect.isabstract(cls):
         names = sorted(n for n in dir(attacks) if isinstance(getattr(attacks, n), type) and n[0].isupper())

@@ -14,7 +14,6 @@ reach it: the attack runs the model in the mode it is in, like the native attack
 from __future__ import annotations
 
 import functools
-import importlib
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -22,12 +21,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .external import AsModule, signature_params
+from .external import AsModule, import_optional, signature_params
 from .registry import AttackEntry, register_namespace
 
 __all__ = ["INSTALL_HINT", "torchattacks_entry"]
 
 INSTALL_HINT = "pip install --no-deps torchattacks==3.5.1"
+_NEED = (
+    f"torchattacks: {INSTALL_HINT} (--no-deps: its requests pin and its torch requirement would replace your "
+    "torch; it needs only torch, scipy and tqdm)"
+)
 _LINF = frozenset(
     {"FGSM", "BIM", "RFGSM", "PGD", "EOTPGD", "FFGSM", "TPGD", "MIFGSM", "UPGD", "DIFGSM", "TIFGSM", "Jitter"}
     | {"NIFGSM", "PGDRS", "SINIFGSM", "VMIFGSM", "VNIFGSM", "SPSA", "PIFGSM", "PIFGSMPP"}
@@ -36,16 +39,6 @@ _L2 = frozenset({"PGDL2", "PGDRSL2", "CW", "DeepFool", "EADEN"})  # CW, DeepFool
 _L1 = frozenset({"EADL1"})
 _NORM_ARG = {"Linf": "linf", "L2": "l2", "L1": "l1"}  # APGD, APGDT, FAB, AutoAttack, Square: norm= argument
 _UNSUPPORTED = frozenset({"MultiAttack", "LGV"})  # wrappers that need other attacks or a data loader
-
-
-def _torchattacks() -> Any:
-    try:
-        return importlib.import_module("torchattacks")
-    except ImportError as e:
-        raise ImportError(
-            f"'torchattacks:' attacks need torchattacks: {INSTALL_HINT} (--no-deps: its requests pin and its "
-            "torch requirement would replace your torch; it needs only torch, scipy and tqdm)"
-        ) from e
 
 
 def _norm_of(class_name: str) -> Callable[[Mapping[str, Any]], str | None]:
@@ -66,7 +59,7 @@ def _run(cls: type, model_fn: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, 
 @functools.cache
 def torchattacks_entry(class_name: str) -> AttackEntry:
     """The registry entry for ``torchattacks:<class_name>``; ValueError if there is no such attack class."""
-    ta = _torchattacks()
+    ta = import_optional("torchattacks", "torchattacks", _NEED)
     cls = getattr(ta, class_name, None)
     names = sorted(n for n in ta.__all__ if n not in _UNSUPPORTED)
     if class_name not in names or not (isinstance(cls, type) and issubclass(cls, ta.attack.Attack)):
