@@ -57,9 +57,13 @@ class MetaConfig:
     proximal: float = 0.0  # lambda >= 0: the inner loss is L_support(theta') + lambda * ||theta' - theta||^2
     first_order_until: int = 0  # meta-steps 0..N-1 first order, then second order (MAML++); first_order wins
     learn_inner_lr: bool = False  # Meta-SGD: a learned step size per parameter entry, initialized to inner_lr
+    # Performance options (docs/performance.md).
+    reuse_every: int = 1  # R: craft a task type's adversarial sets at most every R meta-steps, reuse them between
+    autocast_attacks: bool = False  # craft adversarial examples under bf16 autocast (the meta-gradient stays fp32)
 
     def __post_init__(self) -> None:
-        for name in ("tasks_per_batch", "support_size", "query_size", "epochs", "log_every", "max_bad_steps"):
+        for name in ("tasks_per_batch", "support_size", "query_size", "epochs", "log_every", "max_bad_steps",
+                     "reuse_every"):  # fmt: skip
             self._require(name, _is_int(getattr(self, name)) and getattr(self, name) >= 1, "an integer >= 1")
         self._require("inner_steps", _is_int(self.inner_steps) and self.inner_steps >= 0, "an integer >= 0")
         self._require("steps", self.steps is None or (_is_int(self.steps) and self.steps >= 1), "None or >= 1")
@@ -72,7 +76,7 @@ class MetaConfig:
         self._require("first_order_until", _is_int(self.first_order_until) and self.first_order_until >= 0,
                       "an integer >= 0")  # fmt: skip
         self._require("inner_params", self.inner_params in INNER_PARAMS, f"one of {INNER_PARAMS}")
-        for name in ("first_order", "sample_replace", "deterministic", "batched", "learn_inner_lr"):
+        for name in ("first_order", "sample_replace", "deterministic", "batched", "learn_inner_lr", "autocast_attacks"):
             self._require(name, isinstance(getattr(self, name), bool), "True or False")
         self._require("outer_optimizer", self.outer_optimizer in _OPTIMIZERS, f"one of {_OPTIMIZERS}")
         self._require("query_attack", self.query_attack in _QUERY_ATTACK, f"one of {_QUERY_ATTACK}")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,10 @@ from .functional import Params, call, clone_buffers, model_fn
 from .inner import adapt, adapt_tasks
 from .tasks import AttackTask, split_support_query
 
-__all__ = ["MetaBatchLoss", "TaskSets", "craft_task_sets", "meta_batch_loss", "task_losses"]
+if TYPE_CHECKING:
+    from .reuse import AdversarialPool
+
+__all__ = ["MetaBatchLoss", "TaskSets", "attack_precision", "craft_task_sets", "meta_batch_loss", "task_losses"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,7 @@ def meta_batch_loss(
     *,
     step: int | None = None,
     inner_lr: Mapping[str, Tensor] | None = None,
+    pool: AdversarialPool | None = None,
 ) -> MetaBatchLoss:
     """Compute the meta-loss of ``tasks`` on the clean batch ``x`` (B, C, H, W), ``y`` (B,).
 
@@ -76,9 +80,9 @@ def meta_batch_loss(
     (``"adapted"``: exact for many inner steps, one more attack per task). Only the query forward
     passes update ``buffers`` (BatchNorm running statistics); attacks and the inner loop use scratch copies.
     With ``config.batched`` both stages run task-batched (see ``craft_task_sets`` and ``task_losses``).
-    ``step`` and ``inner_lr`` are ``task_losses``'s.
+    ``step`` and ``inner_lr`` are ``task_losses``'s, ``pool`` is ``craft_task_sets``'s.
     """
-    sets = craft_task_sets(model, params, buffers, tasks, x, y, config)
+    sets = craft_task_sets(model, params, buffers, tasks, x, y, config, pool=pool, step=step)
     losses, query_loss, query_acc = task_losses(model, params, buffers, tasks, sets, config, step=step,
                                                 inner_lr=inner_lr)  # fmt: skip
     return MetaBatchLoss(
@@ -98,6 +102,9 @@ def craft_task_sets(
     x: Tensor,
     y: Tensor,
     config: MetaConfig,
+    *,
+    pool: AdversarialPool | None = None,
+    step: int | None = None,
 ) -> list[TaskSets]:
     """The attack stage: each task's support set (and with ``query_attack="meta"`` its query set) crafted
     against the meta-parameters, from disjoint chunks of ``x`` (B, C, H, W), ``y`` (B,).
@@ -109,22 +116,37 @@ def craft_task_sets(
     training mode the model's BatchNorm normalizes with statistics of the whole group's batch, and random
     starts are drawn for the group at once: batched and looped crafting agree exactly only for
     deterministic attacks on an eval-mode model.
+
+    ``pool`` (``MetaConfig.reuse_every > 1``, see ``reuse.py``): a task whose type has sets in the pool
+    crafted fewer than ``pool.every`` steps before meta-step ``step`` takes those and is not attacked;
+    the sets crafted here are stored in the pool.
     """
     chunks = split_support_query(x, y, len(tasks), config.support_size, config.query_size)
+    reused = {i: pool.fresh(t.type_index, step) for i, t in enumerate(tasks)} if pool is not None else {}
+    todo = [i for i in range(len(tasks)) if reused.get(i) is None]
     target = model_fn(model, params, buffers)
     both = config.query_attack == "meta"
-    inputs = [torch.cat([xs, xq]) if both else xs for xs, _, xq, _ in chunks]
-    labels = [torch.cat([ys, yq]) if both else ys for _, ys, _, yq in chunks]
+    inputs = {i: torch.cat([chunks[i][0], chunks[i][2]]) if both else chunks[i][0] for i in todo}
+    labels = {i: torch.cat([chunks[i][1], chunks[i][3]]) if both else chunks[i][1] for i in todo}
     adv: dict[int, Tensor] = {}  # task index -> adversarial examples of its inputs
-    if config.batched:
-        for group in group_by_batch_key([t.attack for t in tasks]):
-            crafted = run_grouped([tasks[i].attack for i in group], target, [inputs[i] for i in group],
-                                  [labels[i] for i in group])  # fmt: skip
-            adv.update(zip(group, crafted, strict=True))
-    else:
-        adv = {i: task(target, xi, yi) for i, (task, xi, yi) in enumerate(zip(tasks, inputs, labels, strict=True))}
+    with attack_precision(config, x.device):
+        if config.batched:
+            for group in group_by_batch_key([tasks[i].attack for i in todo]):
+                group = [todo[j] for j in group]
+                crafted = run_grouped([tasks[i].attack for i in group], target, [inputs[i] for i in group],
+                                      [labels[i] for i in group])  # fmt: skip
+                adv.update(zip(group, crafted, strict=True))
+        else:
+            adv = {i: tasks[i](target, inputs[i], labels[i]) for i in todo}
     n = config.support_size
-    return [TaskSets(adv[i][:n], ys, adv[i][n:] if both else None, xq, yq) for i, (_, ys, xq, yq) in enumerate(chunks)]
+    sets = [
+        reused.get(i) or TaskSets(adv[i][:n], ys, adv[i][n:] if both else None, xq, yq)
+        for i, (_, ys, xq, yq) in enumerate(chunks)
+    ]
+    if pool is not None:
+        for i in todo:
+            pool.put(tasks[i].type_index, step, sets[i])
+    return sets
 
 
 def task_losses(
@@ -171,7 +193,10 @@ def task_losses(
     out = []
     for task, s in zip(tasks, sets, strict=True):
         adapted = adapt(model, s.support, s.support_y, params=params, **inner)
-        query = s.query if s.query is not None else task(model_fn(model, adapted, buffers), s.query_clean, s.query_y)
+        query = s.query
+        if query is None:
+            with attack_precision(config, s.query_clean.device):
+                query = task(model_fn(model, adapted, buffers), s.query_clean, s.query_y)
         out.append(_query_loss(model, adapted, buffers, query, s.query_clean, s.query_y, config.clean_weight))
     loss, query_loss, query_acc = (torch.stack(v) for v in zip(*out, strict=True))
     return loss, query_loss, query_acc
@@ -189,12 +214,13 @@ def _batched_losses(
     support = torch.stack([s.support for s in sets])  # (T, S, C, H, W)
     support_y = torch.stack([s.support_y for s in sets])  # (T, S)
     adapted = adapt_tasks(model, support, support_y, params=params, buffers=buffers, **inner)
-    queries = [
-        s.query if s.query is not None
-        else run_grouped([task.attack], model_fn(model, {k: v[i] for k, v in adapted.items()}, buffers),
-                         [s.query_clean], [s.query_y])[0]
-        for i, (task, s) in enumerate(zip(tasks, sets, strict=True))
-    ]  # fmt: skip
+    with attack_precision(config, support.device):
+        queries = [
+            s.query if s.query is not None
+            else run_grouped([task.attack], model_fn(model, {k: v[i] for k, v in adapted.items()}, buffers),
+                             [s.query_clean], [s.query_y])[0]
+            for i, (task, s) in enumerate(zip(tasks, sets, strict=True))
+        ]  # fmt: skip
     query = torch.stack(queries)  # (T, Q, C, H, W); adapted: name -> (T, *shape)
     query_clean = torch.stack([s.query_clean for s in sets])
     query_y = torch.stack([s.query_y for s in sets])  # (T, Q)
@@ -208,6 +234,15 @@ def _batched_losses(
     (loss, query_loss, query_acc), batch_stats = vmap(one_query)(adapted, query, query_clean, query_y)
     update_running_stats(model, buffers, batch_stats)
     return loss, query_loss, query_acc
+
+
+def attack_precision(config: MetaConfig, device: torch.device) -> torch.autocast:
+    """The context the attacks run in: bf16 autocast on ``device`` if ``config.autocast_attacks``, else a no-op.
+
+    Under autocast the model's convolutions and matrix products run in bfloat16; the perturbation, its
+    projection and the returned examples stay float32, so every bound holds exactly as without it.
+    """
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.autocast_attacks)
 
 
 def _query_loss(

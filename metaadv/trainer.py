@@ -36,6 +36,7 @@ from .data import to_tensors
 from .functional import Params, state
 from .inner import init_inner_lr
 from .meta import meta_batch_loss
+from .reuse import AdversarialPool
 from .tasks import AttackDistribution
 from .validation import check_labels, check_logits
 
@@ -56,7 +57,7 @@ StepFn = Callable[[Tensor, Tensor], dict[str, Any]]
 # MetaConfig fields a resumed run may change: they do not alter the steps already taken.
 RESUMABLE_CHANGES = ("steps", "epochs", "log_every", "device", "max_bad_steps", "batched")
 # MetaConfig fields newer than the first checkpoints: recorded only when not at their default, so those resume.
-LATER_FIELDS = ("inner_params", "proximal", "first_order_until", "learn_inner_lr")
+LATER_FIELDS = ("inner_params", "proximal", "first_order_until", "learn_inner_lr", "reuse_every", "autocast_attacks")
 
 
 @dataclass
@@ -544,7 +545,9 @@ def meta_train(
         ``config.learn_inner_lr`` (Meta-SGD), ``.inner_lr`` holds the learned per-parameter inner step
         sizes (name -> tensor shaped like the parameter; pass them as ``adapt(..., lr=result.inner_lr)``).
         They are meta-learned by the outer optimizer (without weight decay), included in ``grad_norm``,
-        and saved in checkpoints. With ``config.first_order_until`` the checkpoints also hold the meta-step index.
+        and saved in checkpoints. With ``config.first_order_until`` or ``config.reuse_every > 1`` the
+        checkpoints also hold the meta-step index, and with ``reuse_every > 1`` the pool of crafted sets
+        (``reuse.AdversarialPool``); each record's ``crafted`` lists per task whether it was attacked afresh.
 
     Raises:
         NonFiniteLossError: ``config.max_bad_steps`` consecutive meta-steps were skipped.
@@ -566,6 +569,9 @@ def meta_train(
     _check_fit_options(checkpoint_dir, checkpoint_every, keep_last, resume, config.max_bad_steps)
     device = distributed.setup(resolve_device(config.device))  # under torchrun: join the group, cuda:LOCAL_RANK
     rank, world = distributed.rank(), distributed.world_size()
+    if world > 1 and config.reuse_every > 1:
+        raise ValueError("MetaConfig.reuse_every > 1 is not supported under torchrun (each rank would need its pool "
+                         "in the checkpoint); use reuse_every=1 or one process")  # fmt: skip
     mine = distributed.shard(config.tasks_per_batch, rank, world)  # this rank's tasks of every meta-batch
     per_task = config.support_size + config.query_size
     rows = slice(mine.start * per_task, mine.stop * per_task)  # their clean examples in the shared batch
@@ -581,16 +587,20 @@ def meta_train(
     optimizer = make_optimizer(groups, config.outer_optimizer, config.outer_lr, config.weight_decay)
     meta_params = [*params.values(), *inner_lr.values()]
     task_rng = torch.Generator().manual_seed(config.seed + 1)  # shared by all ranks: the same tasks everywhere
-    schedule = _StepCount() if config.first_order_until else None  # first-order -> second-order annealing
+    counted = config.first_order_until or config.reuse_every > 1  # options that need the meta-step index
+    schedule = _StepCount() if counted else None
+    pool = AdversarialPool(config.reuse_every, device) if config.reuse_every > 1 else None
 
     def step(xb: Tensor, yb: Tensor) -> dict[str, Any]:
         before = {k: b.clone() for k, b in buffers.items()}  # put back if the step is skipped
         batch = tasks.sample(config.tasks_per_batch, replace=config.sample_replace, generator=task_rng)
         index = schedule.take() if schedule is not None else None
-        if index == config.first_order_until and not config.first_order and distributed.is_main():
+        switch = bool(config.first_order_until) and index == config.first_order_until and not config.first_order
+        if switch and distributed.is_main():
             log.info("meta-step %d: switching from first-order to second-order meta-gradients", index + 1)
+        crafted = [pool.fresh(t.type_index, index) is None for t in batch] if pool is not None else None
         out = meta_batch_loss(model, params, buffers, batch[mine], xb[rows], yb[rows], config, step=index,
-                              inner_lr=inner_lr or None)  # fmt: skip
+                              inner_lr=inner_lr or None, pool=pool)  # fmt: skip
         query = distributed.gather_tasks(torch.stack([out.query_loss, out.query_acc]))  # (2, all tasks)
         # out.loss is the mean over this rank's tasks: / world makes the sum over ranks the mean over all tasks
         stats, skipped = update_if_finite(optimizer, out.loss / world, meta_params, buffers, before,
@@ -606,6 +616,7 @@ def meta_train(
             "query_acc": stats[2 + n :],
             "grad_norm": stats[1],
             "skipped": skipped,
+            **({"crafted": crafted} if crafted is not None else {}),
         }
 
     run = {
@@ -625,6 +636,7 @@ def meta_train(
     extra = {"optimizer": optimizer, "task_rng": ckpt.GeneratorState(task_rng), "tasks": tasks}
     extra |= {"inner_lr": _Tensors(inner_lr)} if inner_lr else {}
     extra |= {"meta_step": schedule} if schedule is not None else {}
+    extra |= {"adversarial_pool": pool} if pool is not None else {}
     with deterministic_algorithms(config.deterministic):
         result = fit(
             model, x, y, step, batch_size=config.examples_per_step, epochs=config.epochs, steps=config.steps,
