@@ -57,6 +57,10 @@ class MetaConfig:
     proximal: float = 0.0  # lambda >= 0: the inner loss is L_support(theta') + lambda * ||theta' - theta||^2
     first_order_until: int = 0  # meta-steps 0..N-1 first order, then second order (MAML++); first_order wins
     learn_inner_lr: bool = False  # Meta-SGD: a learned step size per parameter entry, initialized to inner_lr
+    # Outer-loop options (docs/meta_options.md).
+    task_attention: bool = False  # weight the tasks' query losses by a learned attention network (else uniform 1/T)
+    attention_entropy: float = 1.0  # tau > 0: the attention's entropy bonus; optimum softmax(L / tau)
+    attention_lr: float = 0.01  # learning rate of the attention network (its own group of the meta-optimizer)
     # Performance options (docs/performance.md).
     reuse_every: int = 1  # R: craft a task type's adversarial sets at most every R meta-steps, reuse them between
     autocast_attacks: bool = False  # craft adversarial examples under bf16 autocast (the meta-gradient stays fp32)
@@ -68,7 +72,7 @@ class MetaConfig:
         self._require("inner_steps", _is_int(self.inner_steps) and self.inner_steps >= 0, "an integer >= 0")
         self._require("steps", self.steps is None or (_is_int(self.steps) and self.steps >= 1), "None or >= 1")
         self._require("seed", _is_int(self.seed) and self.seed >= 0, "an integer >= 0")
-        for name in ("inner_lr", "outer_lr"):
+        for name in ("inner_lr", "outer_lr", "attention_entropy", "attention_lr"):
             self._require(name, _is_num(getattr(self, name)) and getattr(self, name) > 0, "a number > 0")
         self._require("weight_decay", _is_num(self.weight_decay) and self.weight_decay >= 0, "a number >= 0")
         self._require("clean_weight", _is_num(self.clean_weight) and 0 <= self.clean_weight <= 1, "in [0, 1]")
@@ -76,7 +80,8 @@ class MetaConfig:
         self._require("first_order_until", _is_int(self.first_order_until) and self.first_order_until >= 0,
                       "an integer >= 0")  # fmt: skip
         self._require("inner_params", self.inner_params in INNER_PARAMS, f"one of {INNER_PARAMS}")
-        for name in ("first_order", "sample_replace", "deterministic", "batched", "learn_inner_lr", "autocast_attacks"):
+        for name in ("first_order", "sample_replace", "deterministic", "batched", "learn_inner_lr", "autocast_attacks",
+                     "task_attention"):  # fmt: skip
             self._require(name, isinstance(getattr(self, name), bool), "True or False")
         self._require("outer_optimizer", self.outer_optimizer in _OPTIMIZERS, f"one of {_OPTIMIZERS}")
         self._require("query_attack", self.query_attack in _QUERY_ATTACK, f"one of {_QUERY_ATTACK}")

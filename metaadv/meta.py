@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from .attacks.spec import group_by_batch_key, run_grouped
+from .attention import task_statistics, weighted_meta_loss
 from .batchnorm import BatchNormFromPrimitives, update_running_stats
 from .config import MetaConfig
 from .functional import Params, call, clone_buffers, model_fn
@@ -31,6 +32,7 @@ from .inner import adapt, adapt_tasks
 from .tasks import AttackTask, split_support_query
 
 if TYPE_CHECKING:
+    from .attention import TaskAttention
     from .reuse import AdversarialPool
 
 __all__ = ["MetaBatchLoss", "TaskSets", "attack_precision", "craft_task_sets", "meta_batch_loss", "task_losses"]
@@ -45,6 +47,8 @@ class MetaBatchLoss:
     task_specs: tuple[str, ...]  # canonical attack spec per task (eps included)
     query_loss: Tensor  # (n_tasks,) adversarial query loss of each adapted copy, detached
     query_acc: Tensor  # (n_tasks,) adversarial query accuracy of each adapted copy, detached
+    task_weights: Tensor | None = None  # (n_tasks,) task attention's weights a (None: uniform 1/n), detached
+    attention_loss: Tensor | None = None  # scalar, the attention network's loss (with its graph to the network)
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,7 @@ def meta_batch_loss(
     step: int | None = None,
     inner_lr: Mapping[str, Tensor] | None = None,
     pool: AdversarialPool | None = None,
+    attention: TaskAttention | None = None,
 ) -> MetaBatchLoss:
     """Compute the meta-loss of ``tasks`` on the clean batch ``x`` (B, C, H, W), ``y`` (B,).
 
@@ -81,17 +86,56 @@ def meta_batch_loss(
     passes update ``buffers`` (BatchNorm running statistics); attacks and the inner loop use scratch copies.
     With ``config.batched`` both stages run task-batched (see ``craft_task_sets`` and ``task_losses``).
     ``step`` and ``inner_lr`` are ``task_losses``'s, ``pool`` is ``craft_task_sets``'s.
+
+    ``attention`` (``MetaConfig.task_attention``, see docs/meta_options.md): the loss is
+    sum_i stop(a_i) * L_i with a = ``attention(type indices, task statistics)`` instead of the mean, and
+    ``attention_loss`` is the attention network's own loss; if a statistic is not finite the weights are
+    uniform for this step (``meta_train`` then skips it).
     """
     sets = craft_task_sets(model, params, buffers, tasks, x, y, config, pool=pool, step=step)
     losses, query_loss, query_acc = task_losses(model, params, buffers, tasks, sets, config, step=step,
                                                 inner_lr=inner_lr)  # fmt: skip
+    weights = attention_loss = None
+    if attention is not None:
+        stats = _attention_statistics(model, params, buffers, sets, query_loss, query_acc)
+        if bool(torch.isfinite(stats).all()):
+            types = torch.tensor([t.type_index for t in tasks], device=stats.device)
+            weights = attention(types, stats)
+            attention_loss = attention.attention_loss(weights, losses)
+        else:
+            weights = torch.full_like(losses, 1 / len(tasks))
+            attention_loss = losses.detach().sum() * 0.0  # NaN if a loss is: meta_train then skips the step
     return MetaBatchLoss(
-        loss=losses.mean(),
+        loss=losses.mean() if weights is None else weighted_meta_loss(weights, losses),
         task_names=tuple(t.name for t in tasks),
         task_specs=tuple(t.attack.spec for t in tasks),
         query_loss=query_loss,
         query_acc=query_acc,
+        task_weights=None if weights is None else weights.detach(),
+        attention_loss=attention_loss,
     )
+
+
+@torch.no_grad()
+def _attention_statistics(
+    model: nn.Module, params: Params, buffers: Params, sets: Sequence[TaskSets], query_loss: Tensor, query_acc: Tensor
+) -> Tensor:
+    """Task attention's (T, 4) statistics: the support and query loss and query accuracy at the meta-parameters
+    (forward passes in the model's mode on scratch BatchNorm statistics), with the adapted copies' query
+    loss and accuracy. Queries crafted against the adapted copies (``query_attack="adapted"``) are not
+    kept, so there the query statistics before adaptation are on the clean query examples."""
+    scratch = clone_buffers(buffers)
+    before = []
+    for s in sets:
+        support_logits = call(model, params, scratch, s.support)
+        query = s.query if s.query is not None else s.query_clean
+        query_logits = call(model, params, scratch, query)
+        q_acc = (query_logits.argmax(1) == s.query_y).float().mean()
+        before.append(torch.stack([F.cross_entropy(query_logits, s.query_y),
+                                   F.cross_entropy(support_logits, s.support_y), q_acc]))  # fmt: skip
+    q_loss, s_loss, q_acc = torch.stack(before).unbind(1)
+    return task_statistics(query_loss_before=q_loss, query_loss_after=query_loss, support_loss=s_loss,
+                           query_acc_before=q_acc, query_acc_after=query_acc)  # fmt: skip
 
 
 def craft_task_sets(

@@ -1,4 +1,4 @@
-"""Matplotlib figures: robustness bars from RobustnessReports and meta-training curves.
+"""Matplotlib figures: robustness bars from RobustnessReports, meta-training curves and task-attention weights.
 
 Figures are built with ``matplotlib.figure.Figure`` (no pyplot state, any backend): save them with
 ``fig.savefig("out.png")``.
@@ -6,6 +6,7 @@ Figures are built with ``matplotlib.figure.Figure`` (no pyplot state, any backen
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -16,7 +17,7 @@ from matplotlib.figure import Figure
 
 from .evaluate import RobustnessReport
 
-__all__ = ["PALETTE", "robustness_bars", "training_curves"]
+__all__ = ["PALETTE", "plot_task_weights", "robustness_bars", "training_curves"]
 
 PALETTE = (
     "#0072B2",
@@ -47,6 +48,13 @@ def _wrap(spec: str, width: int = 14) -> str:
             lines.append("")
         lines[-1] += (" " if lines[-1].endswith(",") else "") + part
     return "\n".join(lines)
+
+
+def _moving_average(values: Sequence[float], window: int) -> np.ndarray:
+    """The moving average of ``values`` over ``window`` points ("valid": one point per full window);
+    the values themselves when there are fewer than ``window``."""
+    v = np.asarray(values, dtype=float)
+    return np.convolve(v, np.ones(window) / window, mode="valid") if len(v) >= window else v
 
 
 def robustness_bars(
@@ -133,10 +141,6 @@ def training_curves(
             raise ValueError(f"history[{i}] needs 'step' and 'meta_loss' (or 'loss'); it has {sorted(h)}")
         losses.append(float(h[key]))
 
-    def curve(values: Sequence[float]) -> np.ndarray:
-        v = np.asarray(values, dtype=float)
-        return np.convolve(v, np.ones(smooth) / smooth, mode="valid") if len(v) >= smooth else v
-
     per_task: dict[str, dict[int, list[float]]] = {}
     for h in history:
         for name, acc in zip(h.get("task_names", ()), h.get("query_acc", ()), strict=True):
@@ -151,17 +155,76 @@ def training_curves(
         ax_loss, ax_acc = ax
         fig = ax_loss.figure
     steps = [int(h["step"]) for h in history]
-    loss = curve(losses)
+    loss = _moving_average(losses, smooth)
     ax_loss.plot(steps[len(steps) - len(loss) :], loss, color="0.2", label="meta-loss")
     ax_loss.set_xlabel("meta-step")
     ax_loss.set_ylabel("meta-loss (cross-entropy)")
     for i, name in enumerate(sorted(per_task)):
         xs = sorted(per_task[name])
-        acc = curve([100 * np.mean(per_task[name][s]) for s in xs])
+        acc = _moving_average([100 * np.mean(per_task[name][s]) for s in xs], smooth)
         ax_acc.plot(xs[len(xs) - len(acc) :], acc, color=PALETTE[i % len(PALETTE)], label=name)
     ax_acc.set_xlabel("meta-step")
     ax_acc.set_ylabel("query accuracy (%)")
     ax_acc.set_ylim(0, 100)
     if per_task:
         ax_acc.legend(fontsize=7)
+    return fig
+
+
+def plot_task_weights(
+    history: Sequence[Mapping[str, Any]],
+    path: str | os.PathLike | None = None,
+    *,
+    ax: Axes | None = None,
+    smooth: int = 10,
+) -> Figure:
+    """Task attention's weight of each attack type against the meta-step, with the uniform weight 1/T.
+
+    ``history`` is a list of dicts with ``"step"``, ``"task_names"`` and ``"task_weights"`` (one weight
+    per task of the step, as ``meta_train`` records with ``MetaConfig(task_attention=True)``); records
+    without ``"task_weights"`` are skipped. Each type's curve is its mean weight over the steps where it
+    was sampled (a type sampled twice in one step is averaged), smoothed by a moving average over
+    ``smooth`` of those points. A weight above 1/T means the type counted more than in plain MAML.
+    Colors follow ``training_curves`` (the sorted type names index ``PALETTE``). ``path``: also save the
+    figure there.
+    """
+    if not history:
+        raise ValueError("history is empty: nothing to plot")
+    if smooth < 1:
+        raise ValueError(f"smooth must be a window of >= 1 points, got {smooth}")
+    per_task: dict[str, dict[int, list[float]]] = {}
+    uniform: dict[int, float] = {}  # step -> 1/T
+    for i, h in enumerate(history):
+        if "task_weights" not in h:
+            continue
+        names, weights = h.get("task_names"), h["task_weights"]
+        if "step" not in h or names is None or len(names) != len(weights) or not weights:
+            raise ValueError(
+                f"history[{i}] needs 'step' and one 'task_names' entry per 'task_weights' entry; it has "
+                f"{sorted(h)} with {len(names or ())} names and {len(weights)} weights"
+            )
+        step = int(h["step"])
+        uniform[step] = 1 / len(weights)
+        for name, w in zip(names, weights, strict=True):
+            per_task.setdefault(name, {}).setdefault(step, []).append(float(w))
+    if not uniform:
+        raise ValueError(
+            "no record of history has 'task_weights': train with task attention on "
+            "(MetaConfig(task_attention=True)) to record them"
+        )
+
+    fig, ax = _axes(ax)
+    steps = sorted(uniform)
+    ax.plot(steps, [uniform[s] for s in steps], color="0.5", linestyle="--", linewidth=1, label="uniform (1/T)")
+    for i, name in enumerate(sorted(per_task)):
+        xs = sorted(per_task[name])
+        w = _moving_average([np.mean(per_task[name][s]) for s in xs], smooth)
+        ax.plot(xs[len(xs) - len(w) :], w, color=PALETTE[i % len(PALETTE)], label=name)
+    ax.set_xlabel("meta-step")
+    ax.set_ylabel("task weight")
+    ax.set_ylim(bottom=0)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    if path is not None:
+        fig.savefig(path)
     return fig

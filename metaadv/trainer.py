@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from . import distributed
+from .attention import TaskAttention
 from .config import MetaConfig
 from .data import to_tensors
 from .functional import Params, state
@@ -57,7 +58,17 @@ StepFn = Callable[[Tensor, Tensor], dict[str, Any]]
 # MetaConfig fields a resumed run may change: they do not alter the steps already taken.
 RESUMABLE_CHANGES = ("steps", "epochs", "log_every", "device", "max_bad_steps", "batched")
 # MetaConfig fields newer than the first checkpoints: recorded only when not at their default, so those resume.
-LATER_FIELDS = ("inner_params", "proximal", "first_order_until", "learn_inner_lr", "reuse_every", "autocast_attacks")
+LATER_FIELDS = (
+    "inner_params",
+    "proximal",
+    "first_order_until",
+    "learn_inner_lr",
+    "reuse_every",
+    "autocast_attacks",
+    "task_attention",
+    "attention_entropy",
+    "attention_lr",
+)
 
 
 @dataclass
@@ -68,6 +79,7 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)  # per step: step, epoch, seconds, loss, ...
     seconds: float = 0.0  # wall-clock of the whole run (all resumed segments together)
     inner_lr: Params | None = None  # meta_train with learn_inner_lr: Meta-SGD's step sizes, name -> like the param
+    attention: nn.Module | None = None  # meta_train with task_attention: the trained ``attention.TaskAttention``
 
 
 class TrainingInterrupted(Exception):
@@ -548,6 +560,9 @@ def meta_train(
         and saved in checkpoints. With ``config.first_order_until`` or ``config.reuse_every > 1`` the
         checkpoints also hold the meta-step index, and with ``reuse_every > 1`` the pool of crafted sets
         (``reuse.AdversarialPool``); each record's ``crafted`` lists per task whether it was attacked afresh.
+        With ``config.task_attention`` each record's ``task_weights`` holds the attention weights of its
+        tasks (``loss`` is then the weighted meta-loss) and ``.attention`` the trained
+        ``attention.TaskAttention``; docs/meta_options.md gives the objective.
 
     Raises:
         NonFiniteLossError: ``config.max_bad_steps`` consecutive meta-steps were skipped.
@@ -569,9 +584,9 @@ def meta_train(
     _check_fit_options(checkpoint_dir, checkpoint_every, keep_last, resume, config.max_bad_steps)
     device = distributed.setup(resolve_device(config.device))  # under torchrun: join the group, cuda:LOCAL_RANK
     rank, world = distributed.rank(), distributed.world_size()
-    if world > 1 and config.reuse_every > 1:
-        raise ValueError("MetaConfig.reuse_every > 1 is not supported under torchrun (each rank would need its pool "
-                         "in the checkpoint); use reuse_every=1 or one process")  # fmt: skip
+    if world > 1 and (config.reuse_every > 1 or config.task_attention):
+        raise ValueError("MetaConfig.reuse_every > 1 and task_attention are not supported under torchrun (they need "
+                         "every rank's pool / all tasks' statistics); use one process")  # fmt: skip
     mine = distributed.shard(config.tasks_per_batch, rank, world)  # this rank's tasks of every meta-batch
     per_task = config.support_size + config.query_size
     rows = slice(mine.start * per_task, mine.stop * per_task)  # their clean examples in the shared batch
@@ -581,11 +596,16 @@ def meta_train(
     params, buffers = state(model)
     distributed.broadcast_tensors([*params.values(), *buffers.values()])  # every rank starts from rank 0's model
     inner_lr = init_inner_lr(model, config.inner_lr, config.inner_params) if config.learn_inner_lr else {}
+    attention = (
+        TaskAttention(len(tasks), entropy=config.attention_entropy).to(device) if config.task_attention else None
+    )
     groups = [{"params": list(params.values())}]
     if inner_lr:
         groups.append({"params": list(inner_lr.values()), "weight_decay": 0.0})  # step sizes: no decay
+    if attention is not None:
+        groups.append({"params": list(attention.parameters()), "lr": config.attention_lr, "weight_decay": 0.0})
     optimizer = make_optimizer(groups, config.outer_optimizer, config.outer_lr, config.weight_decay)
-    meta_params = [*params.values(), *inner_lr.values()]
+    meta_params = [*params.values(), *inner_lr.values(), *(attention.parameters() if attention is not None else ())]
     task_rng = torch.Generator().manual_seed(config.seed + 1)  # shared by all ranks: the same tasks everywhere
     counted = config.first_order_until or config.reuse_every > 1  # options that need the meta-step index
     schedule = _StepCount() if counted else None
@@ -600,23 +620,30 @@ def meta_train(
             log.info("meta-step %d: switching from first-order to second-order meta-gradients", index + 1)
         crafted = [pool.fresh(t.type_index, index) is None for t in batch] if pool is not None else None
         out = meta_batch_loss(model, params, buffers, batch[mine], xb[rows], yb[rows], config, step=index,
-                              inner_lr=inner_lr or None, pool=pool)  # fmt: skip
+                              inner_lr=inner_lr or None, pool=pool, attention=attention)  # fmt: skip
         query = distributed.gather_tasks(torch.stack([out.query_loss, out.query_acc]))  # (2, all tasks)
         # out.loss is the mean over this rank's tasks: / world makes the sum over ranks the mean over all tasks
-        stats, skipped = update_if_finite(optimizer, out.loss / world, meta_params, buffers, before,
-                                          extra=[*query[0], *query[1]], sum_over_ranks=world > 1)  # fmt: skip
+        n = len(batch)
+        extra = [*query[0], *query[1]]
+        if attention is None:
+            objective = out.loss / world
+        else:  # one backward: theta gets the weighted meta-loss's gradient, the attention network its own loss's
+            objective = out.loss + out.attention_loss
+            extra += [*out.task_weights, out.loss.detach()]
+        stats, skipped = update_if_finite(optimizer, objective, meta_params, buffers, before, extra=extra,
+                                          sum_over_ranks=world > 1)  # fmt: skip
         if not skipped:
             distributed.average_buffers(buffers, before)  # BatchNorm statistics: the mean over ranks
-        n = len(batch)
         return {
-            "loss": stats[0],
+            "loss": stats[0] if attention is None else stats[-1],
             "task_names": [t.name for t in batch],
             "task_specs": [t.attack.spec for t in batch],
             "query_loss": stats[2 : 2 + n],
-            "query_acc": stats[2 + n :],
+            "query_acc": stats[2 + n : 2 + 2 * n],
             "grad_norm": stats[1],
             "skipped": skipped,
             **({"crafted": crafted} if crafted is not None else {}),
+            **({"task_weights": stats[2 + 2 * n : 2 + 3 * n]} if attention is not None else {}),
         }
 
     run = {
@@ -637,6 +664,7 @@ def meta_train(
     extra |= {"inner_lr": _Tensors(inner_lr)} if inner_lr else {}
     extra |= {"meta_step": schedule} if schedule is not None else {}
     extra |= {"adversarial_pool": pool} if pool is not None else {}
+    extra |= {"task_attention": attention} if attention is not None else {}
     with deterministic_algorithms(config.deterministic):
         result = fit(
             model, x, y, step, batch_size=config.examples_per_step, epochs=config.epochs, steps=config.steps,
@@ -645,4 +673,5 @@ def meta_train(
             max_bad_steps=config.max_bad_steps, config=run,
         )  # fmt: skip
     result.inner_lr = {k: v.detach() for k, v in inner_lr.items()} if inner_lr else None
+    result.attention = attention.eval() if attention is not None else None
     return result

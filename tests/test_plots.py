@@ -8,7 +8,7 @@ from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 
 from metaadv.evaluate import RobustnessReport
-from metaadv.plots import robustness_bars, training_curves
+from metaadv.plots import plot_task_weights, robustness_bars, training_curves
 
 SPECS = ("fgsm(eps=0.3)", "pgd_linf(eps=0.3, steps=10)", "pgd_l2(eps=2.0, steps=10)")
 
@@ -113,11 +113,48 @@ def test_training_curves_on_one_axes_smoothing_and_errors():
     assert [len(a.lines) for a in fig.axes] == [1, 0]
 
 
+def weighted_history(steps: int = 30) -> list[dict]:
+    """Task attention records: two tasks per step, pgd weighted 0.8 against fgsm or l2 (sampled in turn)."""
+    names = [["pgd", "fgsm"], ["l2", "pgd"], ["fgsm", "fgsm"]]
+    weights = [[0.8, 0.2], [0.2, 0.8], [0.4, 0.6]]
+    return [{"step": s, "loss": 1.0, "task_names": names[s % 3], "task_weights": weights[s % 3]} for s in range(steps)]
+
+
+def test_task_weights_one_smoothed_line_per_attack_type_and_the_uniform_line(tmp_path):
+    fig = plot_task_weights(weighted_history(), tmp_path / "weights.png", smooth=2)
+    assert (tmp_path / "weights.png").stat().st_size > 1000
+    ax = fig.axes[0]
+    lines = {line.get_label(): line for line in ax.lines}
+    assert set(lines) == {"uniform (1/T)", "fgsm", "l2", "pgd"}
+    assert set(lines["uniform (1/T)"].get_ydata()) == {0.5}
+    assert list(lines["pgd"].get_ydata()) == pytest.approx([0.8] * 19)  # 20 steps with pgd, smoothed over 2
+    assert list(lines["l2"].get_xdata()) == list(range(4, 30, 3))  # from the second l2 step on
+    # fgsm: 0.2 on steps 0, 3, ... and 0.5 (the mean of its two tasks) on steps 2, 5, ...
+    assert lines["fgsm"].get_ydata()[0] == pytest.approx((0.2 + 0.5) / 2)
+    assert ax.get_xlabel() == "meta-step" and ax.get_ylabel() == "task weight"
+    colors = {line.get_label(): line.get_color() for line in training_curves(history()).axes[1].lines}
+    assert all(lines[n].get_color() == colors[n] for n in colors)  # one color per type across figures
+
+
+def test_task_weights_on_a_given_axes_and_errors():
+    fig = Figure()
+    ax = fig.add_subplot()
+    assert plot_task_weights(weighted_history(), ax=ax) is fig
+    assert len(ax.lines[1].get_xdata()) == 11  # fgsm: 20 steps, default window of 10
+    with pytest.raises(ValueError, match="empty"):
+        plot_task_weights([])
+    with pytest.raises(ValueError, match=r"task_weights.*MetaConfig\(task_attention=True\)"):
+        plot_task_weights(history())  # a run without task attention
+    with pytest.raises(ValueError, match="one 'task_names' entry per 'task_weights' entry"):
+        plot_task_weights([{"step": 0, "task_names": ["pgd"], "task_weights": [0.5, 0.5]}])
+
+
 def test_no_pyplot_figures_are_left_open():
     import matplotlib.pyplot as plt
 
     before = plt.get_fignums()
     robustness_bars(report())
     training_curves(history())
+    plot_task_weights(weighted_history())
     assert plt.get_fignums() == before
     assert matplotlib.get_backend()  # any backend works: nothing here needs a display
