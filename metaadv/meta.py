@@ -161,12 +161,13 @@ def craft_task_sets(
     starts are drawn for the group at once: batched and looped crafting agree exactly only for
     deterministic attacks on an eval-mode model.
 
-    ``pool`` (``MetaConfig.reuse_every > 1``, see ``reuse.py``): a task whose type has sets in the pool
-    crafted fewer than ``pool.every`` steps before meta-step ``step`` takes those and is not attacked;
+    ``pool`` (``MetaConfig.reuse_every > 1``, see ``reuse.py``): a task whose key (type, occurrence) has sets
+    in the pool crafted fewer than ``pool.every`` steps before meta-step ``step`` takes those and is not attacked;
     the sets crafted here are stored in the pool.
     """
     chunks = split_support_query(x, y, len(tasks), config.support_size, config.query_size)
-    reused = {i: pool.fresh(t.type_index, step) for i, t in enumerate(tasks)} if pool is not None else {}
+    keys = pool.keys([t.type_index for t in tasks]) if pool is not None else []
+    reused = {i: pool.fresh(key, step) for i, key in enumerate(keys)} if pool is not None else {}
     todo = [i for i in range(len(tasks)) if reused.get(i) is None]
     target = model_fn(model, params, buffers)
     both = config.query_attack == "meta"
@@ -189,7 +190,7 @@ def craft_task_sets(
     ]
     if pool is not None:
         for i in todo:
-            pool.put(tasks[i].type_index, step, sets[i])
+            pool.put(keys[i], step, sets[i])
     return sets
 
 

@@ -5,12 +5,14 @@ crafted at most once every R meta-steps: a meta-step that samples a type whose s
 than R steps trains on those sets (crafted against earlier meta-parameters, from earlier clean
 examples) and skips its attack; the clean examples the step drew for that task go unused. A type's
 sets are crafted afresh, and stored, when it has none or they are R steps old. ``R = 1`` crafts every
-time (the plain algorithm). The pool is saved in checkpoints, so a resumed run repeats exactly.
+time (the plain algorithm). A meta-batch holding one type several times (``sample_replace``) keeps one
+entry per occurrence: key (type index, occurrence), so its tasks do not collapse onto one set. The pool
+is saved in checkpoints, so a resumed run repeats exactly.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from typing import Any
 
@@ -20,37 +22,54 @@ from .meta import TaskSets
 
 __all__ = ["AdversarialPool"]
 
+Key = tuple[int, int]  # (task type index, occurrence of that type in the meta-batch)
+
+
+def _key(text: str) -> Key:
+    i, k = text.split(".")
+    return int(i), int(k)
+
 
 class AdversarialPool:
-    """Crafted ``TaskSets`` per task type index, each with the meta-step it was crafted at."""
+    """Crafted ``TaskSets`` per key (task type index, occurrence in the meta-batch) and the step of their crafting."""
 
     def __init__(self, every: int, device: torch.device | str = "cpu") -> None:
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"reuse_every must be an integer >= 1, got {every!r}")
         self.every, self.device = every, torch.device(device)
-        self.entries: dict[int, tuple[int, TaskSets]] = {}  # type index -> (crafted at step, sets)
+        self.entries: dict[Key, tuple[int, TaskSets]] = {}  # key -> (crafted at step, sets)
 
-    def fresh(self, type_index: int, step: int) -> TaskSets | None:
-        """The stored sets of ``type_index`` if crafted fewer than ``every`` steps before ``step``, else None."""
-        entry = self.entries.get(type_index)
+    def fresh(self, key: Key, step: int) -> TaskSets | None:
+        """The stored sets of ``key`` if crafted fewer than ``every`` steps before ``step``, else None."""
+        entry = self.entries.get(key)
         if entry is None or step - entry[0] >= self.every:
             return None
         return entry[1]
 
-    def put(self, type_index: int, step: int, sets: TaskSets) -> None:
-        """Store the sets of ``type_index`` crafted at meta-step ``step`` (detached)."""
-        self.entries[type_index] = (step, sets)
+    def put(self, key: Key, step: int, sets: TaskSets) -> None:
+        """Store the sets of ``key`` crafted at meta-step ``step``."""
+        self.entries[key] = (step, sets)
+
+    @staticmethod
+    def keys(type_indices: Sequence[int]) -> list[Key]:
+        """The key of each task of a meta-batch: (type index, how many tasks of that type came before it)."""
+        seen: dict[int, int] = {}
+        out = []
+        for i in type_indices:
+            out.append((i, seen.get(i, 0)))
+            seen[i] = seen.get(i, 0) + 1
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            str(i): {"step": step, **{f.name: getattr(sets, f.name) for f in fields(TaskSets)}}
-            for i, (step, sets) in self.entries.items()
+            f"{i}.{k}": {"step": step, **{f.name: getattr(sets, f.name) for f in fields(TaskSets)}}
+            for (i, k), (step, sets) in self.entries.items()
         }
 
     def load_state_dict(self, saved: Mapping[str, Any]) -> None:
         """Restore saved entries (checkpoints load on the CPU), moved to this pool's device."""
         names = [f.name for f in fields(TaskSets)]
         self.entries = {
-            int(i): (int(e["step"]), TaskSets(*(None if e[n] is None else e[n].to(self.device) for n in names)))
+            _key(i): (int(e["step"]), TaskSets(*(None if e[n] is None else e[n].to(self.device) for n in names)))
             for i, e in saved.items()
         }

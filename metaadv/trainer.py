@@ -618,7 +618,9 @@ def meta_train(
         switch = bool(config.first_order_until) and index == config.first_order_until and not config.first_order
         if switch and distributed.is_main():
             log.info("meta-step %d: switching from first-order to second-order meta-gradients", index + 1)
-        crafted = [pool.fresh(t.type_index, index) is None for t in batch] if pool is not None else None
+        crafted = None
+        if pool is not None:
+            crafted = [pool.fresh(key, index) is None for key in pool.keys([t.type_index for t in batch])]
         out = meta_batch_loss(model, params, buffers, batch[mine], xb[rows], yb[rows], config, step=index,
                               inner_lr=inner_lr or None, pool=pool, attention=attention)  # fmt: skip
         query = distributed.gather_tasks(torch.stack([out.query_loss, out.query_acc]))  # (2, all tasks)

@@ -7,7 +7,7 @@ import torch
 import metaadv as ma
 from metaadv import checkpoint as ckpt
 from metaadv.attacks import make
-from metaadv.functional import model_fn, state
+from metaadv.functional import state
 from metaadv.meta import craft_task_sets
 from metaadv.models import SmallCNN
 from metaadv.reuse import AdversarialPool
@@ -68,14 +68,14 @@ def test_a_reused_step_trains_on_the_stored_sets_not_on_its_own_batch():
     assert all(a is b for a, b in zip(first, again, strict=True))  # the very sets of step 0
     fresh = craft_task_sets(model, params, buffers, tasks, x[16:32], y[16:32], cfg, pool=pool, step=2)
     assert torch.equal(fresh[0].query_clean, x[20:24])  # step 2: crafted from its own batch again
-    assert all(pool.fresh(i, 2) is s for i, s in enumerate(fresh))
+    assert all(pool.fresh((i, 0), 2) is s for i, s in enumerate(fresh))
 
 
 def test_a_resumed_run_with_reuse_equals_an_uninterrupted_one(tmp_path):
     whole = tiny_run(steps=5, reuse_every=3)
     tiny_run(tmp_path, steps=2, reuse_every=3)
     saved = ckpt.load_checkpoint(ckpt.list_checkpoints(tmp_path)[-1])
-    assert set(saved["state"]["adversarial_pool"]) == {"0", "1"}
+    assert set(saved["state"]["adversarial_pool"]) == {"0.0", "1.0"}  # (type index, occurrence)
     resumed = tiny_run(tmp_path, steps=5, resume=True, reuse_every=3)  # step 3 reuses the pool of step 1
     assert [r["crafted"] for r in resumed.history] == [r["crafted"] for r in whole.history]
     for k, v in whole.model.state_dict().items():
@@ -122,3 +122,18 @@ def test_meta_train_with_autocast_attacks_learns_and_stays_finite():
     assert not torch.equal(
         result.model.state_dict()["head.3.weight"], tiny_run(steps=3).model.state_dict()["head.3.weight"]
     )
+
+
+def test_one_type_sampled_several_times_keeps_one_pool_entry_per_occurrence():
+    torch.manual_seed(0)
+    model = SmallCNN(hidden=16).train()
+    params, buffers = state(model)
+    x, y = tiny_data()
+    cfg = ma.MetaConfig(tasks_per_batch=3, support_size=4, query_size=4, reuse_every=2)
+    tasks = [AttackTask(make(SPECS[0]), 0)] * 3
+    pool = AdversarialPool(2)
+    first = craft_task_sets(model, params, buffers, tasks, x[:24], y[:24], cfg, pool=pool, step=0)
+    again = craft_task_sets(model, params, buffers, tasks, x[24:48], y[24:48], cfg, pool=pool, step=1)
+    assert AdversarialPool.keys([0, 1, 0, 0]) == [(0, 0), (1, 0), (0, 1), (0, 2)]
+    assert [s.query_clean.data_ptr() for s in again] == [s.query_clean.data_ptr() for s in first]  # three sets
+    assert len({s.query_clean.data_ptr() for s in again}) == 3
