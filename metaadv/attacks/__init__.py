@@ -9,8 +9,9 @@
 
 Native attacks: none, noise, fgsm, fgsm_rs, pgd_linf, pgd_l2, pgd_l1, mifgsm, l0 (one steepest-ascent
 loop, ``steepest.py``), cw_l2 and deepfool (``minimum_norm.py``), and threat models outside the Lp
-balls: spatial, spatial_grid and color (one loop over transform parameters, ``transforms.py``), and a
-learned perturbation generator (``generator.py``).
+balls: spatial, spatial_grid and color (one loop over transform parameters, ``transforms.py``), the
+unforeseen families of UAR built on that loop: elastic and stadv (``flow.py``), jpeg_linf (``jpeg.py``)
+and gabor (``gabor.py``), and a learned perturbation generator (``generator.py``).
 """
 
 from . import (  # noqa: F401  (importing a module registers its attacks)
@@ -22,7 +23,10 @@ from . import (  # noqa: F401  (importing a module registers its attacks)
     torchattacks_adapter,
     transforms,
 )
+from .flow import elastic, stadv
+from .gabor import gabor
 from .generator import GeneratorAttack, generator
+from .jpeg import jpeg_linf
 from .minimum_norm import cw_l2, deepfool
 from .msd import msd
 from .norms import L0, L1, L2, Linf, LpNorm, project_l1
@@ -46,9 +50,12 @@ __all__ = [
     "color",
     "cw_l2",
     "deepfool",
+    "elastic",
     "fgsm",
     "fgsm_rs",
+    "gabor",
     "generator",
+    "jpeg_linf",
     "l0",
     "make",
     "mifgsm",
@@ -63,5 +70,6 @@ __all__ = [
     "register",
     "spatial",
     "spatial_grid",
+    "stadv",
     "steepest_ascent",
 ]

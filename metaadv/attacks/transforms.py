@@ -42,12 +42,14 @@ def box_ascent(
     steps: int,
     alpha: Tensor | None = None,
     random_start: bool = True,
+    penalty: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Maximize the cross-entropy of ``model_fn(transform(x, phi))`` over ``phi`` in ``[low, high]``.
 
     ``low``/``high`` (P,) or (B, P) bound each parameter; ``alpha`` (same shape) is the sign-step
     size per parameter (default 2.5 * (high - low) / 2 / steps). Start uniform in the box (or at
-    ``phi = 0`` clamped into it). Shapes: x (B, C, H, W) in [0, 1], y (B,). Returns (B, C, H, W).
+    ``phi = 0`` clamped into it). ``penalty(phi) -> (B,)``, if given, is subtracted from each example's
+    loss (e.g. StAdv's flow smoothness). Shapes: x (B, C, H, W) in [0, 1], y (B,). Returns (B, C, H, W).
     """
     x = x.detach()
     low, high = low.to(x).expand(len(x), -1), high.to(x).expand(len(x), -1)  # (B, P)
@@ -57,6 +59,8 @@ def box_ascent(
     for _ in range(steps):
         phi.requires_grad_(True)
         loss = F.cross_entropy(model_fn(transform(x, phi)), y, reduction="sum")
+        if penalty is not None:
+            loss = loss - penalty(phi).sum()
         (grad,) = torch.autograd.grad(loss, phi)
         phi = torch.maximum(torch.minimum(phi.detach() + a * grad.sign(), high), low)
     return transform(x, phi).detach()
