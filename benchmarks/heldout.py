@@ -47,6 +47,7 @@ BASELINE_ATTACKS = {  # method -> which protocol attacks it trains on
     "max": lambda p: p["train_attacks"],
     "msd": lambda p: p["train_attacks"],
     "sat": lambda p: p["train_attacks"],
+    "ramp": lambda p: p["train_attacks"],
 }
 META_METHODS = {"meta_fo": {"first_order": True}, "meta_so": {"first_order": False}}  # name -> MetaConfig changes
 QUICK = {"epochs": 1, "n_examples": 64, "sanity_examples": 48, "shots": [8], "train_examples": 512}
@@ -81,6 +82,18 @@ def git_commit() -> str | None:
         return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
+
+
+def versions() -> dict[str, str]:
+    return {"metaadv": ma.__version__, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def load_data(protocol: dict[str, Any]) -> tuple[Any, Any]:
+    """(train, test) of ``protocol["data"]``; the training set cut to ``train_examples`` when the protocol sets it."""
+    train_data, test = ma.data.load(protocol["data"])
+    if "train_examples" in protocol:
+        train_data = ma.data.to_tensors(train_data, protocol["train_examples"])
+    return train_data, test
 
 
 def hardware(model: torch.nn.Module) -> dict[str, Any]:
@@ -132,10 +145,7 @@ def sanity(model, test, protocol: dict, seed: int) -> dict[str, Any]:
 
 
 def run_one(method: str, protocol: dict, seed: int, device: str, out: Path) -> dict[str, Any]:
-    train_data, test = ma.data.load(protocol["data"])
-    if "train_examples" in protocol:
-        x, y = ma.data.to_tensors(train_data, protocol["train_examples"])
-        train_data = (x, y)
+    train_data, test = load_data(protocol)
     result = train(method, protocol, train_data, seed, device)
     model, t_eval = result.model, time.perf_counter()
     opts = {"n_examples": protocol["n_examples"], "seed": seed, "batch_size": protocol["eval_batch_size"]}
@@ -154,9 +164,7 @@ def run_one(method: str, protocol: dict, seed: int, device: str, out: Path) -> d
         "eval_seconds": time.perf_counter() - t_eval,
         "history": [{k: r[k] for k in ("step", "loss", "seconds", "task_names", "query_acc") if k in r}
                     for r in result.history],
-        "config": protocol, "versions": {"metaadv": ma.__version__, "torch": torch.__version__,
-                                         "python": platform.python_version()},
-        "git_commit": git_commit(), "hardware": hardware(model),
+        "config": protocol, "versions": versions(), "git_commit": git_commit(), "hardware": hardware(model),
     }  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{method}_seed{seed}.json").write_text(json.dumps(record, indent=1))

@@ -5,13 +5,15 @@
 
 Figures per protocol folder: held-out accuracy per attack per method (grouped bars), robust accuracy vs
 eps, held-out union vs training wall-clock, few-shot adaptation (union vs shots, fine-tuning and
-test-time BN), and meta-training curves. Method colors are fixed across all figures.
+test-time BN), and meta-training curves. Method colors are fixed across all figures. A transfer-matrix
+folder (``benchmarks/transfer.py``, with a ``matrix.json``) gets its two heatmaps instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -27,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 COLORS = {  # one color per method, the same in every figure
     "erm": "#7f7f7f", "pgd_at": "#1f77b4", "fast_at": "#17becf", "trades": "#9467bd", "avg": "#2ca02c",
     "max": "#bcbd22", "msd": "#8c564b", "sat": "#e377c2", "meta_fo": "#ff7f0e", "meta_so": "#d62728",
-    "meta_anil": "#ff9896", "meta_anneal": "#ffbb78", "meta_sgd": "#c49c94",
+    "meta_anil": "#ff9896", "meta_anneal": "#ffbb78", "meta_sgd": "#c49c94", "ramp": "#393b79",
+    "meta_attention": "#e7969c", "meta_reuse4": "#843c39",
 }  # fmt: skip
 WIDTH = (7.5, 3.6)
 
@@ -111,7 +114,53 @@ def few_shot(runs: dict[str, list[dict]], fig: plt.Figure) -> None:
     axes[0].legend(fontsize=6)
 
 
+def heatmap(ax: plt.Axes, values: list[list[float | None]], rows: list[str], columns: list[str], *,
+            fmt: str, vmax: float, cmap: str = "viridis") -> None:  # fmt: skip
+    """A rows x columns heatmap with each value printed in its cell ("–" and no color where a value is None)."""
+    grid = [[math.nan if v is None else v for v in row] for row in values]
+    image = ax.imshow(grid, cmap=cmap, vmin=0, vmax=vmax, aspect="auto")
+    for i, row in enumerate(grid):
+        for j, v in enumerate(row):
+            dark = not math.isnan(v) and v < 0.6 * vmax  # light text on the dark end of viridis
+            ax.text(j, i, "–" if math.isnan(v) else fmt.format(v), ha="center", va="center", fontsize=6,
+                    color="white" if dark else "black")  # fmt: skip
+    ax.set_xticks(range(len(columns)), columns, fontsize=7, rotation=30, ha="right")
+    ax.set_yticks(range(len(rows)), rows, fontsize=7)
+    ax.set_xlabel("attacked by (white-box, eval mode)")
+    ax.set_ylabel("trained on")
+    ax.figure.colorbar(image, ax=ax, fraction=0.04)
+
+
+def plot_transfer(matrix: dict, out: Path, name: str, prefix: str = "") -> list[Path]:
+    """The transfer matrix of ``benchmarks/transfer.py`` (``matrix.json``) as two heatmaps in ``out``:
+    ``<prefix>transfer.png`` (accuracy %, rows = training method, columns = families + union) and
+    ``<prefix>transfer_normalized.png`` (accuracy / the diagonal's, UAR-style, with each row's mean)."""
+    out.mkdir(parents=True, exist_ok=True)
+    size = (1.2 + 0.75 * len(matrix["columns"]), 1.0 + 0.35 * len(matrix["rows"]))
+    pct = [[100 * v for v in row] for row in matrix["acc"]]
+    normalized = [[*row, m] for row, m in zip(matrix["normalized"], matrix["normalized_mean"], strict=True)]
+    finite = [v for row in normalized for v in row if v is not None]
+    figures = [
+        ("transfer", pct, matrix["columns"], "{:.0f}", 100.0, "accuracy (%)"),
+        ("transfer_normalized", normalized, [*matrix["normalized_columns"], "mean"], "{:.2f}",
+         max([1.0, *finite]), "accuracy / accuracy of the model trained on that family"),
+    ]  # fmt: skip
+    written = []
+    for kind, values, columns, fmt, vmax, title in figures:
+        fig, ax = plt.subplots(figsize=size)
+        heatmap(ax, values, matrix["rows"], columns, fmt=fmt, vmax=vmax)
+        ax.set_title(f"{name}: {title}, seeds {matrix['seeds']}", fontsize=8)
+        fig.tight_layout()
+        path = out / f"{prefix}{kind}.png"
+        fig.savefig(path, dpi=130)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
 def plot_folder(folder: Path, out: Path) -> list[Path]:
+    if (folder / "matrix.json").exists():  # a transfer matrix (benchmarks/transfer.py)
+        return plot_transfer(json.loads((folder / "matrix.json").read_text()), out, folder.name, f"{folder.name}_")
     runs = load(folder)
     if not runs:
         return []

@@ -11,13 +11,58 @@
 - ``"trades"``: TRADES (Zhang et al. 2019): ``CE(f(x), y) + beta * KL(f(x) || f(x_adv))``, x_adv maximizing the KL.
 - ``"sat"``: stochastic adversarial training (Croce & Hein 2022): each batch is trained on one of the attacks,
   drawn uniformly; with an Linf and an L1 attack it is their E-AT (the extreme norms, which also cover L2).
+- ``"ramp"``: RAMP (Jiang & Singh, NeurIPS 2024, "RAMP: Boosting Adversarial Robustness Against Multiple
+  l_p Perturbations", arXiv 2402.06827; code: github.com/uiuc-focal-lab/RAMP):
+  MAX over the batch's two strongest attacks, a logit-pairing KL term, and gradient projection (GP)
+  toward the clean-training gradient. Below.
 
 Attacks are crafted against the current model with scratch BatchNorm statistics (``model_fn``), in the
 model's current mode (training mode inside ``fit``); TRADES crafts in eval mode, as its reference code.
+
+RAMP, as implemented here. Per batch (x, y) of size B, every attack a_1..a_A (A >= 2) is crafted; the two
+strongest on this batch are kept: r, the one with the lowest accuracy (ties: highest mean cross-entropy)
+and q, the next one. With z_q = f(x_q), z_r = f(x_r) (one training forward over both sets), p = softmax z:
+
+    L = 1/B sum_i max(CE(z_q,i, y_i), CE(z_r,i, y_i))  +  lambda / n_c * sum_{i in C} KL(p_q,i || p_r,i),
+    C = {i : argmax z_q,i = y_i},  n_c = |C|  (the KL term is 0 when C is empty),
+
+the gradient flowing through both sides of the KL. Then gradient projection, per parameter tensor l, with
+g_a = dL/dtheta_l and g_n = dCE(f(x), y)/dtheta_l the clean-training gradient on the same clean batch:
+
+    g_l = (1 - beta) * g_a + beta * max(cos(g_a, g_n), 0) * g_n,
+
+and the optimizer steps on g. Defaults: lambda = 5 and beta = 0.5, as their CIFAR-10 training-from-scratch
+runs (``RAMP_scratch_cifar10.sh``: ``--lbd 5``; beta 0.5 is fixed in their ``RAMP.py``).
+What we kept, changed and dropped from the paper's code, and why:
+
+- kept: MAX over the pair (their ``--max``), the KL direction KL(p_q || p_r) restricted to the examples
+  the q-attack leaves correct, summed and divided by their count (their ``--kl``), lambda's scale, the GP
+  formula (the per-tensor cosine, clipped at 0, times the raw clean update, and the (1 - beta) weight).
+- changed, the pair: their code fixes it (q = Linf, r = L1, the "key trade-off pair" the paper identifies
+  on CIFAR-10); we identify it as the two strongest attacks, per batch, for any attack list (non-Lp
+  families included). q is the weaker of the two, as their Linf is for an Linf-robust model being fine-tuned on
+  L1: the predictions under the strongest attack are pulled toward those the model still gets right.
+  Picking the pair means crafting every attack, as MAX does; with two attacks nothing is dropped.
+- changed, the max: per example the larger cross-entropy of the training forward, not APGD's best loss
+  measured in eval mode; one forward over both sets (BatchNorm statistics over 2B examples), not three.
+- changed, crafting: our attacks (whatever specs are given, e.g. PGD) crafted in the model's mode with
+  scratch BatchNorm statistics, like the other baselines here, instead of APGD in eval mode.
+- changed, GP: theirs trains a separate clean model for a whole epoch with its own SGD optimizer, then fuses
+  the epoch's parameter deltas (theta_nat - theta_old and theta_adv - theta_old) with the formula above,
+  BatchNorm running statistics included. Ours applies the same formula every step to the two gradients at
+  the current parameters (g_n from one extra clean forward/backward on the batch's clean images, with
+  scratch BatchNorm statistics), before the optimizer: no second model, optimizer or training loop, and
+  the run checkpoints and resumes like the others. So the clean direction is one batch's gradient, not an
+  epoch of momentum SGD; the running statistics come from the adversarial forward alone (not fused).
+  ``ramp_beta=0`` turns GP off (g = g_a); ``clean_weight`` still mixes a clean term into L before GP.
+- dropped: clean pre-training (their ``--pretraining``), the MSE/cosine pairing variants, the 1e-12 added
+  to the logits, and their learning-rate schedule and weight decay (every method here shares ``fit``'s
+  optimizer and lr).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,14 +74,14 @@ from torch.utils.data import Dataset
 
 from .attacks import Attack, make
 from .attacks.norms import L1, NORMS, per_example
-from .functional import eval_mode, model_fn, state
+from .functional import ModelFn, call, clone_buffers, eval_mode, model_fn, state
 from .trainer import TrainResult, fit, make_optimizer, resolve_device, training_tensors, update_if_finite
 
-__all__ = ["METHODS", "adversarial_loss", "adversarial_train", "training_attacks"]
+__all__ = ["METHODS", "adversarial_loss", "adversarial_train", "gradient_projection", "ramp_loss", "training_attacks"]
 
-METHODS = ("erm", "pgd_at", "fast_at", "avg", "max", "msd", "trades", "sat")
+METHODS = ("erm", "pgd_at", "fast_at", "avg", "max", "msd", "trades", "sat", "ramp")
 _COUNTS = {"erm": (0, 0), "pgd_at": (1, 1), "fast_at": (1, 1), "avg": (1, None), "max": (1, None)}
-_COUNTS |= {"msd": (1, None), "trades": (1, 1), "sat": (2, None)}  # (min, max) number of attacks
+_COUNTS |= {"msd": (1, None), "trades": (1, 1), "sat": (2, None), "ramp": (2, None)}  # (min, max) number of attacks
 
 
 def training_attacks(method: str, attacks: Sequence[str | Attack]) -> list[Attack]:
@@ -64,6 +109,10 @@ def training_attacks(method: str, attacks: Sequence[str | Attack]) -> list[Attac
     if method == "trades" and (resolved[0].norm is None or resolved[0].eps is None):
         raise ValueError(
             f"method 'trades' takes one Lp attack with an eps, e.g. 'pgd_linf(eps=0.3, steps=10)'; got {resolved[0]}"
+        )
+    if method == "ramp" and len({a.spec for a in resolved}) < len(resolved):
+        raise ValueError(
+            f"method 'ramp' pairs different attacks; an attack is listed twice: {[a.spec for a in resolved]}"
         )
     if method == "msd":
         return [_msd_attack(resolved)]
@@ -122,13 +171,83 @@ def trades_loss(model: nn.Module, attack: Attack, x: Tensor, y: Tensor, beta: fl
     return F.cross_entropy(logits, y, reduction="none") + beta * kl
 
 
+def _strongest_pair(target: ModelFn, advs: Sequence[Tensor], y: Tensor) -> tuple[int, int]:
+    """Indices ``(q, r)`` of the two strongest attacks on this batch: ``r`` leaves the lowest accuracy (ties:
+    the highest mean cross-entropy), ``q`` the next. ``advs``: A tensors (B, C, H, W) crafted against ``target``."""
+    with torch.no_grad():
+        scores = []
+        for x_adv in advs:
+            logits = target(x_adv)  # (B, K)
+            scores.append(torch.stack([(logits.argmax(1) == y).float().mean(), -F.cross_entropy(logits, y)]))
+        ranked = sorted(range(len(advs)), key=torch.stack(scores).tolist().__getitem__)
+    return ranked[1], ranked[0]
+
+
+def ramp_loss(model: nn.Module, target: ModelFn, advs: Sequence[Tensor], y: Tensor, lam: float) -> Tensor:
+    """Per-example RAMP loss (B,), whose mean is RAMP's batch loss (module docstring):
+    ``max(CE(f(x_q), y), CE(f(x_r), y)) + lam * B / n_c * 1[f(x_q) correct] * KL(p_q || p_r)``.
+
+    ``advs``: two or more adversarial batches (B, C, H, W) crafted against ``target`` (the model with
+    scratch BatchNorm statistics), which also ranks them: (q, r) are this batch's two strongest, r the
+    strongest. Then one forward of ``model`` over both sets, in its own mode.
+    """
+    q, r = _strongest_pair(target, advs, y)
+    logits = model(torch.cat([advs[q], advs[r]]))  # (2B, K): BN statistics over both sets
+    ce = F.cross_entropy(logits, y.repeat(2), reduction="none").view(2, -1).max(0).values  # (B,)
+    log_q, log_r = F.log_softmax(logits, dim=1).view(2, len(y), -1)  # (B, K) each
+    kl = (log_q.exp() * (log_q - log_r)).sum(1)  # (B,) KL(p_q || p_r), gradient through both sides
+    correct = (log_q.argmax(1) == y).detach()  # C: the examples the q-attack leaves correct
+    weight = correct.float() * (len(y) / correct.sum().clamp(min=1))  # mean over the batch = sum over C / n_c
+    return ce + lam * weight * kl
+
+
+def gradient_projection(g_adv: Sequence[Tensor], g_nat: Sequence[Tensor], beta: float) -> tuple[list[Tensor], Tensor]:
+    """RAMP's GP per tensor: ``(1 - beta) * g_a + beta * max(cos(g_a, g_n), 0) * g_n``.
+
+    ``g_adv``, ``g_nat``: gradients (or updates) of the same parameter tensors, pairwise of equal shapes.
+    Returns the combined tensors and the cosines (L,) (0 where either tensor is zero).
+    """
+    combined, cosines = [], []
+    for a, n in zip(g_adv, g_nat, strict=True):
+        cos = F.cosine_similarity(a.flatten(), n.flatten(), dim=0)
+        combined.append((1 - beta) * a + beta * cos.clamp(min=0) * n)
+        cosines.append(cos)
+    return combined, torch.stack(cosines)
+
+
+def _project_on_clean(model: nn.Module, loss: Tensor, x: Tensor, y: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+    """``loss``'s stand-in for the update: same value, gradient GP(dloss/dtheta, dCE(f(x), y)/dtheta) (see
+    :func:`gradient_projection`); the clean forward uses scratch BatchNorm statistics. Returns it and the
+    mean cosine over the parameter tensors."""
+    params, buffers = state(model)
+    theta = [p for p in params.values() if p.requires_grad]
+
+    def grads(value: Tensor) -> list[Tensor]:
+        gs = torch.autograd.grad(value, theta, allow_unused=True)
+        return [torch.zeros_like(p) if g is None else g for p, g in zip(theta, gs, strict=True)]
+
+    g_adv = grads(loss)
+    g_nat = grads(F.cross_entropy(call(model, params, clone_buffers(buffers), x), y))
+    combined, cosines = gradient_projection(g_adv, g_nat, beta)
+    linear = sum((g * p).sum() for g, p in zip(combined, theta, strict=True))  # d/dtheta = combined
+    return loss.detach() + (linear - linear.detach()), cosines.mean()
+
+
 def adversarial_loss(
-    model: nn.Module, attacks: Sequence[str | Attack], x: Tensor, y: Tensor, method: str, *, beta: float = 6.0
+    model: nn.Module,
+    attacks: Sequence[str | Attack],
+    x: Tensor,
+    y: Tensor,
+    method: str,
+    *,
+    beta: float = 6.0,
+    ramp_lambda: float = 5.0,
 ) -> Tensor:
     """Per-example loss (B,) of ``method`` on the batch; attacks are crafted against the current model.
 
     ``attacks`` as :func:`adversarial_train` takes them (checked by :func:`training_attacks`);
-    ``beta`` is TRADES's weight of the KL term (other methods ignore it).
+    ``beta`` is TRADES's weight of the KL term, ``ramp_lambda`` RAMP's (other methods ignore them).
+    RAMP's gradient projection acts on the update, not the loss: see :func:`adversarial_train`.
     """
     attacks = training_attacks(method, attacks)
     if method == "erm":
@@ -140,9 +259,16 @@ def adversarial_loss(
     if method == "sat":  # one threat model per batch, from the global RNG (checkpointed, so resume is exact)
         attacks = [attacks[int(torch.randint(len(attacks), ()))]]
     advs = [attack(target, x, y) for attack in attacks]
+    if method == "ramp":
+        return ramp_loss(model, target, advs, y, ramp_lambda)
     logits = model(torch.cat(advs))  # one forward: BN statistics over all adversarial examples
     losses = F.cross_entropy(logits, y.repeat(len(advs)), reduction="none").view(len(advs), -1)  # (A, B)
     return losses.max(0).values if method == "max" else losses.mean(0)
+
+
+def _check_weight(name: str, value: object, high: float = math.inf) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (0 <= value <= high and value < math.inf):
+        raise ValueError(f"{name} must be {'in [0, 1]' if high == 1 else 'a finite number >= 0'}, got {value!r}")
 
 
 def adversarial_train(
@@ -153,6 +279,8 @@ def adversarial_train(
     method: str = "pgd_at",
     clean_weight: float = 0.0,
     beta: float = 6.0,
+    ramp_lambda: float = 5.0,
+    ramp_beta: float = 0.5,
     epochs: int = 3,
     steps: int | None = None,
     batch_size: int = 128,
@@ -180,8 +308,14 @@ def adversarial_train(
         TRADES's KL ascent (e.g. ``"pgd_linf(eps=0.3, steps=10)"``); crafted in eval mode.
         ``"sat"`` (Croce & Hein 2022): two or more; each batch trains on one, drawn uniformly (E-AT:
         ``["pgd_linf(eps=0.3, steps=10)", "pgd_l1(eps=10.0, steps=10)"]``).
+        ``"ramp"`` (Jiang & Singh 2024): two or more different attacks, of any kind; each batch pairs its
+        two strongest (module docstring), e.g. ``["pgd_linf(eps=0.3, steps=10)", "pgd_l1(eps=10.0, steps=10)"]``.
     ``clean_weight`` w mixes the loss as ``(1-w) * L_adv + w * L_clean`` (not for ``"trades"``, whose
     clean term is built in). ``beta``: TRADES's weight of the KL term (default 6.0, the paper's 1/lambda).
+    ``ramp_lambda`` (>= 0, default 5.0): RAMP's weight of the logit-pairing KL. ``ramp_beta`` (in [0, 1],
+    default 0.5): RAMP's gradient projection weight; each step the update is
+    ``(1 - ramp_beta) * g_adv + ramp_beta * max(cos, 0) * g_clean`` per parameter tensor (0: plain g_adv),
+    at the cost of one clean forward/backward; the mean cosine is logged as ``gp_cos``.
 
     ``checkpoint_dir``, ``checkpoint_every``, ``keep_last``, ``resume`` and ``max_bad_steps`` work as in
     ``meta_train``: exact resume after an interruption, and a step with a non-finite loss or gradient is
@@ -192,8 +326,9 @@ def adversarial_train(
         raise ValueError(f"clean_weight must be in [0, 1], got {clean_weight!r}")
     if method == "trades" and clean_weight > 0:
         raise ValueError("clean_weight does not apply to method 'trades' (its loss has a clean term); set beta instead")
-    if isinstance(beta, bool) or not isinstance(beta, int | float) or not 0 <= beta < float("inf"):
-        raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
+    _check_weight("beta", beta)
+    _check_weight("ramp_lambda", ramp_lambda)
+    _check_weight("ramp_beta", ramp_beta, high=1.0)
     dev = resolve_device(device)
     torch.manual_seed(seed)
     model.to(dev)
@@ -203,14 +338,23 @@ def adversarial_train(
 
     def step(xb: Tensor, yb: Tensor) -> dict[str, Any]:
         before = {k: b.clone() for k, b in buffers.items()}  # put back if the step is skipped
-        loss = adversarial_loss(model, resolved, xb, yb, method, beta=beta).mean()
+        loss = adversarial_loss(model, resolved, xb, yb, method, beta=beta, ramp_lambda=ramp_lambda).mean()
         if clean_weight > 0 and method != "erm":
             loss = (1 - clean_weight) * loss + clean_weight * F.cross_entropy(model(xb), yb)
-        (value, grad_norm), skipped = update_if_finite(opt, loss, params.values(), buffers, before)
-        return {"loss": value, "grad_norm": grad_norm, "skipped": skipped}
+        extra = ()
+        if method == "ramp" and ramp_beta > 0:
+            loss, cos = _project_on_clean(model, loss, xb, yb, ramp_beta)
+            extra = (cos,)
+        (value, grad_norm, *logged), skipped = update_if_finite(opt, loss, params.values(), buffers, before, extra)
+        record = {"loss": value, "grad_norm": grad_norm, "skipped": skipped}
+        if logged:
+            record["gp_cos"] = logged[0]
+        return record
 
     run = {"method": method, "attacks": [a.spec for a in resolved], "clean_weight": clean_weight, "beta": beta,
            "optimizer": optimizer, "lr": lr, "model": type(model).__name__}  # fmt: skip
+    if method == "ramp":  # recorded for ramp only, so checkpoints of the other methods still resume
+        run |= {"ramp_lambda": ramp_lambda, "ramp_beta": ramp_beta}
     return fit(
         model, x, y, step, batch_size=batch_size, epochs=epochs, steps=steps, seed=seed, progress=progress,
         desc=method, state={"optimizer": opt}, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,

@@ -23,6 +23,7 @@ METHOD_ATTACKS = {
     "msd_from_lp": LP3,
     "trades": ["pgd_linf(eps=0.3, steps=2)"],
     "sat": ["pgd_linf(eps=0.3, steps=2)", "pgd_l1(eps=10, steps=2)"],
+    "ramp": LP3,
 }
 
 

@@ -1,16 +1,22 @@
 """Smoke test of the held-out benchmark pipeline on a tiny budget: protocol -> training -> evaluation ->
-JSON -> summary table -> figures. The real runs live in benchmarks/ (see docs/benchmarks.md)."""
+JSON -> summary table -> figures; the same for the transfer matrix. The real runs live in benchmarks/ (see
+docs/benchmarks.md)."""
 
 import json
+import re
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
+
+import metaadv as ma
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import heldout  # noqa: E402
 import plots  # noqa: E402
+import transfer  # noqa: E402
 
 TINY = {
     "epochs": 1, "train_examples": 256, "n_examples": 24, "sanity_examples": 16, "shots": [4],
@@ -45,6 +51,8 @@ def test_heldout_pipeline_writes_results_summary_and_figures(tmp_path):
 
 def test_every_shipped_protocol_loads_and_names_valid_attacks():
     for path in sorted((ROOT / "benchmarks" / "protocols").glob("*.yaml")):
+        if "families" in yaml.safe_load(path.read_text()):  # a transfer protocol: tested below
+            continue
         protocol = heldout.load_protocol(path, quick=False)
         assert protocol["held_out"] and protocol["methods"], path.name
         assert not set(protocol["train_attacks"]) & set(protocol["held_out"]), (
@@ -61,3 +69,96 @@ def test_committed_full_results_cover_three_seeds_and_pass_the_sanity_checks():
         for r in records:
             assert r["sanity"]["warnings"] == [] and r["sanity"]["unbounded_acc"] <= 0.05, (name, r["method"])
             assert r["heldout"]["n_examples"] == 500 and set(r["adapted"]) == {"8", "32", "128"}
+
+
+# --- transfer matrix ----------------------------------------------------------------------------------
+
+TINY_TRANSFER = {
+    "name": "tiny_transfer", "data": "mnist5k", "model": {"name": "SmallCNN", "hidden": 32}, "epochs": 1,
+    "batch_size": 32, "methods": ["avg", "max", "msd", "sat", "ramp", "meta_so"],
+    "meta": {"tasks_per_batch": 2, "support_size": 8, "query_size": 8, "inner_steps": 1, "inner_lr": 0.01},
+    "families": {
+        "linf": {"train": "fgsm(eps=0.3)", "eval": "pgd_linf(eps=0.3, steps=2)"},
+        "l2": {"train": "pgd_l2(eps=2.0, steps=1)", "eval": "pgd_l2(eps=2.0, steps=2)"},
+        "spatial": {"train": "spatial(steps=1)", "eval": "spatial(steps=2)"},
+    },
+    "n_examples": 24,
+}  # fmt: skip
+
+
+def test_transfer_matrix_pipeline_writes_the_full_matrix_and_heatmaps(tmp_path, monkeypatch):
+    """3 families x (3 single-family rows + 6 methods), 2 training steps each, 24 test digits (~20 s)."""
+    monkeypatch.setenv("METAADV_GIT_COMMIT", "smoke-test")
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY_TRANSFER, sort_keys=False))
+    protocol = transfer.load_protocol(tmp_path / "tiny.yaml", quick=True)
+    out = tmp_path / "out"
+    transfer.run_all(protocol, [0], None, "cpu", out)
+
+    matrix = json.loads((out / "matrix.json").read_text())
+    rows = ["at_linf", "at_l2", "at_spatial", *TINY_TRANSFER["methods"]]
+    assert matrix["rows"] == rows and matrix["columns"] == ["linf", "l2", "spatial", "union"]
+    assert len(matrix["acc"]) == len(rows) and all(len(r) == 4 for r in matrix["acc"])
+    assert all(0 <= v <= 1 for row in matrix["acc"] for v in row)
+    for i, family in enumerate(matrix["normalized_columns"]):  # the diagonal normalizes to 1 where it is > 0
+        assert matrix["normalized"][rows.index(f"at_{family}")][i] in (1.0, None)
+    union = [row[-1] for row in matrix["acc"]]
+    assert all(u <= min(row[:-1]) + 1e-9 for u, row in zip(union, matrix["acc"], strict=True))
+    msd = json.loads((out / "msd_seed0.json").read_text())
+    assert msd["trained_on"] == [protocol["families"][f]["train"] for f in ("linf", "l2")]  # Lp families only
+    assert msd["versions"] and msd["git_commit"] == "smoke-test" and msd["history"]
+    assert {p.name for p in out.glob("*_seed0.json")} == {f"{r}_seed0.json" for r in rows}
+    assert all((out / f).stat().st_size > 5000 for f in ("transfer.png", "transfer_normalized.png"))
+    assert "| ramp |" in (out / "summary.md").read_text()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a run whose JSON exists must be skipped")
+
+    monkeypatch.setattr(transfer, "run_one", no_training)
+    assert transfer.run_all(protocol, [0], None, "cpu", out) == matrix  # resumes from the JSON alone
+    written = plots.plot_folder(out, tmp_path / "figures")
+    assert [p.name for p in written] == ["out_transfer.png", "out_transfer_normalized.png"]
+
+
+def test_shipped_transfer_protocol_names_valid_attacks():
+    path = ROOT / "benchmarks" / "protocols" / "transfer_mnist5k.yaml"
+    protocol = transfer.load_protocol(path)
+    for family in protocol["families"].values():
+        ma.attacks.make(family["train"]), ma.attacks.make(family["eval"])
+    plan = transfer.row_plan(protocol)
+    assert [r for r in plan if r.startswith("at_")] == [f"at_{f}" for f in protocol["families"]]
+    assert {"avg", "max", "msd", "sat", "ramp", "meta_so"} <= set(plan)
+    assert all(ma.attacks.make(a).norm in ("linf", "l2", "l1") for a in plan["msd"][1])
+    with pytest.raises(ValueError, match="unknown families"):
+        transfer.load_protocol(path, families=["linf", "fog"])
+
+
+# --- unforeseen families: protocols (c) and (d) -------------------------------------------------------------
+
+
+TINY_UNFORESEEN = {
+    "epochs": 1, "train_examples": 128, "n_examples": 16, "sanity_examples": 16, "shots": [4],
+    "model": {"name": "SmallCNN", "hidden": 16}, "meta": {"tasks_per_batch": 2, "support_size": 8, "query_size": 8},
+    "batch_size": 32, "black_box": "torchattacks:Square(eps=0.3, n_queries=10)",
+}  # fmt: skip
+
+
+def _two_steps(spec: str) -> str:
+    return re.sub(r"steps=\d+", "steps=2", spec)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["unforeseen_lp_trained", "unforeseen_mixed_trained"])
+def test_unforeseen_protocols_run_in_quick_mode(name, tmp_path, monkeypatch):
+    """Protocols (c) and (d) of docs/unforeseen.md end to end on a tiny budget: every held-out family is
+    attacked zero-shot and after few-shot adaptation (sgd and bn), for a baseline and for meta-training."""
+    monkeypatch.setenv("METAADV_GIT_COMMIT", "smoke-test")
+    path = ROOT / "benchmarks" / "protocols" / f"{name}.yaml"
+    full = heldout.load_protocol(path, quick=False)
+    protocol = {**heldout.load_protocol(path, quick=True), **TINY_UNFORESEEN}
+    protocol["train_attacks"] = [_two_steps(a) for a in full["train_attacks"]]
+    protocol["held_out"] = [_two_steps(a) for a in full["held_out"]]  # every held-out family
+    for method in ("ramp", "meta_so"):
+        record = heldout.run_one(method, protocol, 0, "cpu", tmp_path)
+        assert set(record["heldout"]["attacks"]) == {ma.attacks.make(a).spec for a in protocol["held_out"]}
+        assert set(record["adapted"]["4"]["adapted_union"]) == {"sgd", "bn"}
+        assert 0 <= record["heldout"]["union_acc"] <= 1
