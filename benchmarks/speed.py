@@ -8,7 +8,9 @@ Prints markdown tables and writes benchmarks/results/speed_<device>.json:
   (`MetaConfig(batched=True)`: one attack call for all tasks, vmap over the inner loop and query loss) vs
   the same algorithm written with `higher` (innerloop_ctx) and as a plain loop of torch.autograd calls over
   `functional_call`; every variant crafts the same attacks (native PGD against the meta-parameters) and
-  takes one Adam step; ratios to the looped metaadv step and to the floor.
+  takes one Adam step; ratios to the looped metaadv step and to the floor. Two options are timed beside
+  them: the attacks under bf16 autocast (`autocast_attacks`) and adversarial-example reuse
+  (`reuse_every=4`, per meta-step averaged over one crafting and three reusing steps).
 - native PGD vs torchattacks PGD, images per second at equal steps.
 - efficiency vs the floor: the meta-step divided by the forward/backward passes it must do
   (attack steps + inner steps + query pass) timed alone.
@@ -36,10 +38,12 @@ import metaadv as ma
 from metaadv.functional import call, clone_buffers, model_fn, state
 from metaadv.meta import meta_batch_loss
 from metaadv.models import SmallCNN
+from metaadv.reuse import AdversarialPool
 from metaadv.tasks import split_support_query
 from metaadv.trainer import resolve_device
 
 EPS, INNER_LR = 0.3, 0.01
+REUSE = 4  # reuse_every of the reuse variant
 
 
 class Bench:
@@ -60,6 +64,7 @@ class Bench:
         self.cfg = ma.MetaConfig(tasks_per_batch=tasks, support_size=shots, query_size=shots, sample_replace=True,
                                  inner_steps=inner, inner_lr=INNER_LR)  # fmt: skip
         self.cfg_batched = dataclasses.replace(self.cfg, batched=True)
+        self.cfg_bf16 = dataclasses.replace(self.cfg, autocast_attacks=True)
 
     def update(self, loss: torch.Tensor) -> None:
         self.opt.zero_grad(set_to_none=True)
@@ -73,6 +78,17 @@ class Bench:
     def metaadv_batched(self) -> None:
         self.update(meta_batch_loss(self.model, self.params, self.buffers, self.dist.sample(self.tasks),
                                     self.x, self.y, self.cfg_batched).loss)  # fmt: skip
+
+    def metaadv_bf16_attacks(self) -> None:
+        self.update(meta_batch_loss(self.model, self.params, self.buffers, self.dist.sample(self.tasks),
+                                    self.x, self.y, self.cfg_bf16).loss)  # fmt: skip
+
+    def metaadv_reuse(self, every: int = REUSE) -> None:
+        """``every`` meta-steps with ``reuse_every=every``: one crafts the sets, the others reuse them."""
+        pool = AdversarialPool(every, self.device)
+        for step in range(every):
+            self.update(meta_batch_loss(self.model, self.params, self.buffers, self.dist.sample(self.tasks),
+                                        self.x, self.y, self.cfg, step=step, pool=pool).loss)  # fmt: skip
 
     def _chunks(self):
         target = model_fn(self.model, self.params, self.buffers)
@@ -191,13 +207,16 @@ def main() -> None:
                     "shots": shots, "attack_steps": steps, "quick": quick}  # fmt: skip
 
     b = Bench(device, tasks_main, shots, steps, inner=1)
-    med = time_side_by_side({"metaadv": b.metaadv, "metaadv_batched": b.metaadv_batched, "higher": b.higher_loop,
-                             "plain_loop": b.plain_loop, "floor": b.floor}, repeats, device)  # fmt: skip
+    variants = {"metaadv": b.metaadv, "metaadv_batched": b.metaadv_batched, "higher": b.higher_loop,
+                "plain_loop": b.plain_loop, "floor": b.floor, "metaadv_bf16_attacks": b.metaadv_bf16_attacks,
+                f"metaadv_reuse{REUSE}": b.metaadv_reuse}  # fmt: skip
+    med = time_side_by_side(variants, repeats, device)
+    med[f"metaadv_reuse{REUSE}"] /= REUSE  # per meta-step, amortized over one crafting step and REUSE - 1 reusing ones
     result["peers"] = {"tasks": tasks_main, **med}
     print(f"## Meta-step vs peers ({tasks_main} tasks x {shots}+{shots}, PGD-{steps}, 1 second-order inner step, "
           f"{device}, {torch.get_num_threads()} threads, median of {repeats})\n")  # fmt: skip
     print("| variant | seconds | time / looped metaadv | time / floor |\n|---|---:|---:|---:|")
-    for k in ("metaadv", "metaadv_batched", "higher", "plain_loop"):
+    for k in ("metaadv", "metaadv_batched", "metaadv_bf16_attacks", f"metaadv_reuse{REUSE}", "higher", "plain_loop"):
         print(f"| {k} | {med[k]:.3f} | {med[k] / med['metaadv']:.2f} | {med[k] / med['floor']:.2f} |")
     print(f"| floor (passes alone) | {med['floor']:.3f} | | 1.00 |")
 

@@ -7,16 +7,17 @@ import re
 from pathlib import Path
 
 import metaadv
-from metaadv import attacks, baselines, checkpoint, data, models, plots, trainer
+from metaadv import attacks, attention, baselines, checkpoint, data, models, plots, trainer
 
 SECTIONS = [
     ("Training", [metaadv.meta_train, metaadv.MetaConfig, metaadv.TrainResult, metaadv.adapt]),
+    ("Task attention", [attention.TaskAttention]),
     ("Tasks", [metaadv.AttackDistribution, metaadv.AttackTask]),
     ("Attacks", [attacks.make, attacks.register, attacks.available, attacks.Attack]),
     ("Evaluation", [metaadv.evaluate, metaadv.RobustnessReport]),
     ("Data and models", [data.load, data.TensorDataset, data.to_tensors, models.SmallCNN, models.build]),
     ("Baselines", [baselines.adversarial_train]),
-    ("Plots", [plots.robustness_bars, plots.training_curves]),
+    ("Plots", [plots.robustness_bars, plots.training_curves, plots.plot_task_weights]),
     ("Run configs (CLI)", [metaadv.RunConfig, metaadv.load_run_config]),
     (
         "Checkpoints and long runs",
