@@ -152,7 +152,10 @@ def run_one(method: str, protocol: dict, seed: int, device: str, out: Path) -> d
     trained_on = ma.evaluate(model, test, protocol["train_attacks"], **opts)
     # Zero-shot numbers come with every adapted report (same evaluation examples whatever the shots), so
     # the held-out attacks run zero-shot once per shot count, not once more on their own.
-    reports = {s: ma.evaluate(model, test, protocol["held_out"], adapt_shots=s, adapt_methods=("sgd", "bn"), **opts)
+    # A run with per-type BatchNorm statistics (MetaConfig.task_bn) is also adapted by picking the nearest type's.
+    adapt = {"adapt_methods": ("sgd", "bn", "task_bn"), "task_bn": result.task_bn} if result.task_bn else {
+        "adapt_methods": ("sgd", "bn")}  # fmt: skip
+    reports = {s: ma.evaluate(model, test, protocol["held_out"], adapt_shots=s, **adapt, **opts)
                for s in protocol["shots"]}  # fmt: skip
     heldout = next(iter(reports.values())) if reports else ma.evaluate(model, test, protocol["held_out"], **opts)
     heldout = dataclasses.replace(heldout, adapt_shots=0, adapted={}, adapted_union={}, adapted_clean={})
@@ -182,7 +185,12 @@ def summarize(records: list[dict[str, Any]]) -> str:
     shots = sorted({int(s) for r in records for s in r["adapted"]})
     attacks = records[0]["heldout"]["attacks"]
     head = ["method", "clean", *[f"`{a}`" for a in attacks], "**held-out union**", "train-attack union"]
-    head += [f"union {m}@{s}" for s in shots for m in ("sgd", "bn")] + ["train time (s)"]
+    how = [
+        m
+        for m in ("sgd", "bn", "task_bn")
+        if any(m in a["adapted_union"] for r in records for a in r["adapted"].values())
+    ]
+    head += [f"union {m}@{s}" for s in shots for m in how] + ["train time (s)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method in methods:
         rs = [r for r in records if r["method"] == method]
@@ -191,8 +199,9 @@ def summarize(records: list[dict[str, Any]]) -> str:
         row += [f"**{mean_std([r['heldout']['union_acc'] for r in rs])}**"]
         row += [mean_std([r["train_attacks"]["union_acc"] for r in rs])]
         for s in shots:
-            for m in ("sgd", "bn"):
-                vals = [r["adapted"][str(s)]["adapted_union"][m] for r in rs if str(s) in r["adapted"]]
+            for m in how:
+                vals = [r["adapted"][str(s)]["adapted_union"][m] for r in rs
+                        if m in r["adapted"].get(str(s), {}).get("adapted_union", {})]  # fmt: skip
                 row.append(mean_std(vals) if vals else "–")
         t = [r["train_seconds"] for r in rs]
         row.append(f"{statistics.mean(t):.0f}" + (f" ± {statistics.stdev(t):.0f}" if len(t) > 1 else ""))

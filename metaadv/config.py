@@ -61,6 +61,7 @@ class MetaConfig:
     task_attention: bool = False  # weight the tasks' query losses by a learned attention network (else uniform 1/T)
     attention_entropy: float = 1.0  # tau > 0: the attention's entropy bonus; optimum softmax(L / tau)
     attention_lr: float = 0.01  # learning rate of the attention network (its own group of the meta-optimizer)
+    task_bn: bool = False  # also keep BatchNorm running statistics per attack type (for evaluate's "task_bn")
     # Performance options (docs/performance.md).
     reuse_every: int = 1  # R: craft a task type's adversarial sets at most every R meta-steps, reuse them between
     autocast_attacks: bool = False  # craft adversarial examples under bf16 autocast (the meta-gradient stays fp32)
@@ -81,7 +82,7 @@ class MetaConfig:
                       "an integer >= 0")  # fmt: skip
         self._require("inner_params", self.inner_params in INNER_PARAMS, f"one of {INNER_PARAMS}")
         for name in ("first_order", "sample_replace", "deterministic", "batched", "learn_inner_lr", "autocast_attacks",
-                     "task_attention"):  # fmt: skip
+                     "task_attention", "task_bn"):  # fmt: skip
             self._require(name, isinstance(getattr(self, name), bool), "True or False")
         self._require("outer_optimizer", self.outer_optimizer in _OPTIMIZERS, f"one of {_OPTIMIZERS}")
         self._require("query_attack", self.query_attack in _QUERY_ATTACK, f"one of {_QUERY_ATTACK}")

@@ -26,13 +26,14 @@ from . import attacks as _attacks
 from .data import to_tensors
 from .functional import ModelFn, Params, call, clone_buffers, detach, eval_mode, model_fn, state
 from .inner import adapt
+from .task_bn import TaskBatchNorm
 from .validation import check_images, check_labels, check_logits, check_positive
 
 __all__ = ["ADAPT_METHODS", "RobustnessReport", "evaluate"]
 
 logger = logging.getLogger(__name__)
 
-ADAPT_METHODS = ("sgd", "bn")  # SGD fine-tuning on the support set; test-time BatchNorm statistics
+ADAPT_METHODS = ("sgd", "bn", "task_bn")  # SGD fine-tuning; test-time BN statistics; nearest per-type BN statistics
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,7 @@ def evaluate(
     adapt_lr: float = 0.01,
     adapt_methods: Sequence[str] = ("sgd",),
     bn_momentum: float | None = None,
+    task_bn: TaskBatchNorm | None = None,
     n_examples: int | None = None,
     batch_size: int = 256,
     seed: int = 0,
@@ -130,11 +132,15 @@ def evaluate(
         adapt_shots: support examples per attack for few-shot adaptation (0: zero-shot only). They are
             drawn from examples disjoint from the evaluation examples.
         adapt_steps, adapt_lr: SGD steps and learning rate of the ``"sgd"`` adaptation.
-        adapt_methods: any of ``"sgd"`` (fine-tune on the adversarial support set, first order, eval mode)
-            and ``"bn"`` (re-estimate every BatchNorm layer's statistics from the adversarial support set,
-            no gradient step).
+        adapt_methods: any of ``"sgd"`` (fine-tune on the adversarial support set, first order, eval mode),
+            ``"bn"`` (re-estimate every BatchNorm layer's statistics from the adversarial support set,
+            no gradient step) and ``"task_bn"`` (normalize with the BatchNorm statistics of the training
+            attack type nearest to the support set's, from ``task_bn``; no gradient step).
         bn_momentum: ``None`` uses the support statistics alone; ``m`` in (0, 1] mixes
             ``(1 - m) * training statistics + m * support statistics``.
+        task_bn: the per-attack-type statistics of a run with ``MetaConfig(task_bn=True)``
+            (``TrainResult.task_bn``); needed by ``"task_bn"``. The chosen type per attack is in
+            ``RobustnessReport.meta["task_bn_types"]``.
         n_examples: evaluate on the first ``n_examples`` of a seeded permutation (None: all examples not
             reserved for the support pool). The evaluation examples do not depend on ``adapt_shots``.
         batch_size: minibatch size for attacks and forward passes.
@@ -151,7 +157,12 @@ def evaluate(
     methods = _check_options(adapt_shots, adapt_steps, adapt_lr, adapt_methods, bn_momentum, n_examples, batch_size)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise TypeError(f"seed must be an integer, got {seed!r}")
-    if adapt_shots > 0 and "bn" in methods and not _bn_layers(model):
+    if adapt_shots > 0 and "task_bn" in methods and not isinstance(task_bn, TaskBatchNorm):
+        raise ValueError(
+            "adapt method 'task_bn' needs the per-type BatchNorm statistics of a run with MetaConfig(task_bn=True): "
+            f"pass task_bn=result.task_bn, got {type(task_bn).__name__}"
+        )
+    if adapt_shots > 0 and {"bn", "task_bn"} & set(methods) and not _bn_layers(model):
         raise ValueError(
             "adapt method 'bn' re-estimates BatchNorm statistics, but the model has no BatchNorm layer "
             f"tracking running statistics; use adapt_methods=('sgd',) for {type(model).__name__}"
@@ -182,13 +193,15 @@ def evaluate(
                 masks[spec] = _attack_correct(atk, spec, fn, x, y, batch_size, seed)
                 logger.info("%s: %.1f%% (clean %.1f%%)", spec, _acc(masks[spec]), _acc(clean))
                 bar.update()
-            adapted, adapted_clean, survive = {}, {}, {}
+            adapted, adapted_clean, survive, chosen = {}, {}, {}, {}
             if adapt_shots:
                 opts = {
                     "steps": adapt_steps,
                     "lr": adapt_lr,
                     "momentum": bn_momentum,
                     "batch_size": batch_size,
+                    "task_bn": task_bn,
+                    "chosen": chosen,
                 }
                 adapted, adapted_clean, survive = _adapted_results(
                     model, params, buffers, atks, methods, (x, y), (x_s, y_s), seed, opts, bar
@@ -217,6 +230,7 @@ def evaluate(
             "adapt_steps": adapt_steps,
             "adapt_lr": adapt_lr,
             "bn_momentum": bn_momentum,
+            **({"task_bn_types": chosen} if chosen else {}),
         },
     )
 
@@ -244,7 +258,7 @@ def _adapted_results(
         torch.manual_seed(seed)
         x_adv_s = _craft(atk, spec, fn, x_s, y_s, opts["batch_size"])  # against the unadapted model
         for method in methods:
-            fn_a = _adapted_fn(method, model, params, buffers, x_adv_s, y_s, **opts)
+            fn_a = _adapted_fn(method, model, params, buffers, x_adv_s, y_s, spec=spec, **opts)
             clean_a = _correct(fn_a, x, y, opts["batch_size"])
             mask = _attack_correct(atk, spec, fn_a, x, y, opts["batch_size"], seed)  # white-box, adapted
             survive[method] &= clean_a & mask
@@ -397,13 +411,22 @@ def _adapted_fn(
     lr: float,
     momentum: float | None,
     batch_size: int,
+    task_bn: TaskBatchNorm | None,
+    chosen: dict[str, str],
+    spec: str,
 ) -> ModelFn:
-    """The eval-mode model after adapting to the adversarial support set ``(x_s, y_s)`` with ``method``."""
+    """The eval-mode model after adapting to the adversarial support set ``(x_s, y_s)`` with ``method``
+    (``"task_bn"`` records the type it picked for ``spec`` in ``chosen``)."""
     if method == "sgd":
         scratch = clone_buffers(buffers)
         theta = adapt(model, x_s, y_s, params=params, buffers=scratch, steps=steps, lr=lr, first_order=True)
         return model_fn(model, detach(theta), buffers)
-    return model_fn(model, params, _support_bn_buffers(model, params, buffers, x_s, momentum, batch_size))
+    support = _support_bn_buffers(model, params, buffers, x_s, None if method == "task_bn" else momentum, batch_size)
+    if method == "bn":
+        return model_fn(model, params, support)
+    k = task_bn.nearest(model, support)  # type: ignore[union-attr]
+    chosen[spec] = task_bn.names[k]  # type: ignore[union-attr]
+    return model_fn(model, params, {n: v.to(support[n].device) for n, v in task_bn.buffers(k).items()})  # type: ignore[union-attr]
 
 
 def _bn_layers(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:

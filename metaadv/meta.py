@@ -34,6 +34,7 @@ from .tasks import AttackTask, split_support_query
 if TYPE_CHECKING:
     from .attention import TaskAttention
     from .reuse import AdversarialPool
+    from .task_bn import TaskBatchNorm
 
 __all__ = ["MetaBatchLoss", "TaskSets", "attack_precision", "craft_task_sets", "meta_batch_loss", "task_losses"]
 
@@ -75,6 +76,7 @@ def meta_batch_loss(
     inner_lr: Mapping[str, Tensor] | None = None,
     pool: AdversarialPool | None = None,
     attention: TaskAttention | None = None,
+    task_bn: TaskBatchNorm | None = None,
 ) -> MetaBatchLoss:
     """Compute the meta-loss of ``tasks`` on the clean batch ``x`` (B, C, H, W), ``y`` (B,).
 
@@ -91,10 +93,17 @@ def meta_batch_loss(
     sum_i stop(a_i) * L_i with a = ``attention(type indices, task statistics)`` instead of the mean, and
     ``attention_loss`` is the attention network's own loss; if a statistic is not finite the weights are
     uniform for this step (``meta_train`` then skips it).
+
+    ``task_bn`` (``MetaConfig.task_bn``, see ``task_bn.py``): each task's support and query examples also
+    update its type's own BatchNorm statistics, at the meta-parameters, in a forward pass of their own.
     """
     sets = craft_task_sets(model, params, buffers, tasks, x, y, config, pool=pool, step=step)
     losses, query_loss, query_acc = task_losses(model, params, buffers, tasks, sets, config, step=step,
                                                 inner_lr=inner_lr)  # fmt: skip
+    if task_bn is not None:
+        for task, sets_i in zip(tasks, sets, strict=True):
+            seen = sets_i.support if sets_i.query is None else torch.cat([sets_i.support, sets_i.query])
+            task_bn.update(model, params, task.type_index, seen)
     weights = attention_loss = None
     if attention is not None:
         stats = _attention_statistics(model, params, buffers, sets, query_loss, query_acc)

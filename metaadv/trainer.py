@@ -38,6 +38,7 @@ from .functional import Params, state
 from .inner import init_inner_lr
 from .meta import meta_batch_loss
 from .reuse import AdversarialPool
+from .task_bn import TaskBatchNorm
 from .tasks import AttackDistribution
 from .validation import check_labels, check_logits
 
@@ -68,6 +69,7 @@ LATER_FIELDS = (
     "task_attention",
     "attention_entropy",
     "attention_lr",
+    "task_bn",
 )
 
 
@@ -80,6 +82,7 @@ class TrainResult:
     seconds: float = 0.0  # wall-clock of the whole run (all resumed segments together)
     inner_lr: Params | None = None  # meta_train with learn_inner_lr: Meta-SGD's step sizes, name -> like the param
     attention: nn.Module | None = None  # meta_train with task_attention: the trained ``attention.TaskAttention``
+    task_bn: TaskBatchNorm | None = None  # meta_train with task_bn: the per-attack-type BatchNorm statistics
 
 
 class TrainingInterrupted(Exception):
@@ -562,7 +565,9 @@ def meta_train(
         (``reuse.AdversarialPool``); each record's ``crafted`` lists per task whether it was attacked afresh.
         With ``config.task_attention`` each record's ``task_weights`` holds the attention weights of its
         tasks (``loss`` is then the weighted meta-loss) and ``.attention`` the trained
-        ``attention.TaskAttention``; docs/meta_options.md gives the objective.
+        ``attention.TaskAttention``; docs/meta_options.md gives the objective. With ``config.task_bn``,
+        ``.task_bn`` holds BatchNorm statistics per attack type (``task_bn.TaskBatchNorm``, checkpointed),
+        for ``evaluate(..., adapt_methods=("task_bn",), task_bn=result.task_bn)``.
 
     Raises:
         NonFiniteLossError: ``config.max_bad_steps`` consecutive meta-steps were skipped.
@@ -584,9 +589,9 @@ def meta_train(
     _check_fit_options(checkpoint_dir, checkpoint_every, keep_last, resume, config.max_bad_steps)
     device = distributed.setup(resolve_device(config.device))  # under torchrun: join the group, cuda:LOCAL_RANK
     rank, world = distributed.rank(), distributed.world_size()
-    if world > 1 and (config.reuse_every > 1 or config.task_attention):
-        raise ValueError("MetaConfig.reuse_every > 1 and task_attention are not supported under torchrun (they need "
-                         "every rank's pool / all tasks' statistics); use one process")  # fmt: skip
+    if world > 1 and (config.reuse_every > 1 or config.task_attention or config.task_bn):
+        raise ValueError("MetaConfig.reuse_every > 1, task_attention and task_bn are not supported under torchrun "
+                         "(they need every rank's pool / tasks / statistics); use one process")  # fmt: skip
     mine = distributed.shard(config.tasks_per_batch, rank, world)  # this rank's tasks of every meta-batch
     per_task = config.support_size + config.query_size
     rows = slice(mine.start * per_task, mine.stop * per_task)  # their clean examples in the shared batch
@@ -610,9 +615,11 @@ def meta_train(
     counted = config.first_order_until or config.reuse_every > 1  # options that need the meta-step index
     schedule = _StepCount() if counted else None
     pool = AdversarialPool(config.reuse_every, device) if config.reuse_every > 1 else None
+    task_bn = TaskBatchNorm(model, buffers, [a.name for a in tasks.types]) if config.task_bn else None
 
     def step(xb: Tensor, yb: Tensor) -> dict[str, Any]:
         before = {k: b.clone() for k, b in buffers.items()}  # put back if the step is skipped
+        task_bn_before = task_bn.state_dict() if task_bn is not None else None
         batch = tasks.sample(config.tasks_per_batch, replace=config.sample_replace, generator=task_rng)
         index = schedule.take() if schedule is not None else None
         switch = bool(config.first_order_until) and index == config.first_order_until and not config.first_order
@@ -622,7 +629,7 @@ def meta_train(
         if pool is not None:
             crafted = [pool.fresh(key, index) is None for key in pool.keys([t.type_index for t in batch])]
         out = meta_batch_loss(model, params, buffers, batch[mine], xb[rows], yb[rows], config, step=index,
-                              inner_lr=inner_lr or None, pool=pool, attention=attention)  # fmt: skip
+                              inner_lr=inner_lr or None, pool=pool, attention=attention, task_bn=task_bn)  # fmt: skip
         query = distributed.gather_tasks(torch.stack([out.query_loss, out.query_acc]))  # (2, all tasks)
         # out.loss is the mean over this rank's tasks: / world makes the sum over ranks the mean over all tasks
         n = len(batch)
@@ -636,6 +643,8 @@ def meta_train(
                                           sum_over_ranks=world > 1)  # fmt: skip
         if not skipped:
             distributed.average_buffers(buffers, before)  # BatchNorm statistics: the mean over ranks
+        elif task_bn is not None:
+            task_bn.load_state_dict(task_bn_before)  # a skipped step changes nothing
         return {
             "loss": stats[0] if attention is None else stats[-1],
             "task_names": [t.name for t in batch],
@@ -667,6 +676,7 @@ def meta_train(
     extra |= {"meta_step": schedule} if schedule is not None else {}
     extra |= {"adversarial_pool": pool} if pool is not None else {}
     extra |= {"task_attention": attention} if attention is not None else {}
+    extra |= {"task_bn": task_bn} if task_bn is not None else {}
     with deterministic_algorithms(config.deterministic):
         result = fit(
             model, x, y, step, batch_size=config.examples_per_step, epochs=config.epochs, steps=config.steps,
@@ -676,4 +686,5 @@ def meta_train(
         )  # fmt: skip
     result.inner_lr = {k: v.detach() for k, v in inner_lr.items()} if inner_lr else None
     result.attention = attention.eval() if attention is not None else None
+    result.task_bn = task_bn
     return result

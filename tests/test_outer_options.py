@@ -1,4 +1,5 @@
-"""Outer-loop options of ``MetaConfig`` inside ``meta_train`` (docs/meta_options.md): task attention.
+"""Outer-loop options of ``MetaConfig`` inside ``meta_train`` (docs/meta_options.md): task attention and
+per-task BatchNorm statistics.
 
 The attention network itself is specified in tests/test_attention.py; here it is trained by meta_train.
 """
@@ -6,13 +7,18 @@ The attention network itself is specified in tests/test_attention.py; here it is
 import copy
 import json
 
+import pytest
 import torch
 
 import metaadv as ma
 import metaadv.trainer as trainer
 from metaadv import checkpoint as ckpt
 from metaadv.attention import TaskAttention
+from metaadv.functional import state
+from metaadv.meta import meta_batch_loss
 from metaadv.models import SmallCNN
+from metaadv.task_bn import TaskBatchNorm
+from metaadv.tasks import AttackTask
 
 
 def tiny_run(specs, tmp_path=None, steps=4, resume=False, model=None, **options):
@@ -70,3 +76,64 @@ def test_attention_changes_training_and_a_resume_keeps_its_state(tmp_path):
     for k, v in whole.model.state_dict().items():
         assert torch.equal(resumed.model.state_dict()[k], v), k
     assert {"task_attention", "attention_entropy", "attention_lr"} <= set(trainer.LATER_FIELDS)
+
+
+# Per-task BatchNorm statistics ---------------------------------------------------------------------------------------
+
+TWO_TYPES = ["none", "noise(eps=0.5)"]  # clean digits vs. strong uniform noise: different feature statistics
+
+
+def bn_stats(buffers):
+    return {k: v.clone() for k, v in buffers.items() if "running" in k}
+
+
+def test_each_attack_type_gets_its_own_statistics_and_training_is_unchanged():
+    plain = tiny_run(TWO_TYPES, steps=20)
+    result = tiny_run(TWO_TYPES, steps=20, task_bn=True)  # 20 updates per type: momentum 0.1 forgets the start
+    for k, v in plain.model.state_dict().items():  # shared parameters and (meta) statistics: bit for bit
+        assert torch.equal(result.model.state_dict()[k], v), k
+    none, noise = (bn_stats(s) for s in result.task_bn.stats)
+    assert result.task_bn.names == ["none", "noise"]
+    assert all(not torch.allclose(none[k], noise[k], rtol=0.05) for k in none)  # the two types differ
+    meta = bn_stats(result.model.state_dict())
+    assert all(not torch.equal(none[k], meta[k]) for k in none)  # and differ from the meta statistics
+
+
+def test_a_step_updates_only_the_sampled_types_statistics(erm_model):
+    torch.manual_seed(0)
+    model = copy.deepcopy(erm_model).train()
+    params, buffers = state(model)
+    shared = bn_stats(buffers)
+    store = TaskBatchNorm(model, buffers, ["none", "noise"])
+    x, y = ma.data.to_tensors(ma.data.load("mnist5k")[0], 32)
+    cfg = ma.MetaConfig(tasks_per_batch=1, support_size=16, query_size=16)
+    meta_batch_loss(model, params, buffers, [AttackTask(ma.attacks.make("none"), 0)], x, y, cfg, task_bn=store)
+    assert all(torch.equal(v, shared[k]) for k, v in bn_stats(store.stats[1]).items())  # not sampled: no leak
+    assert all(not torch.equal(v, shared[k]) for k, v in bn_stats(store.stats[0]).items() if "mean" in k)
+    # The inner loop never touches running statistics: the meta statistics move only by the query pass,
+    # exactly as without task_bn.
+    reference = copy.deepcopy(erm_model).train()
+    r_params, r_buffers = state(reference)
+    meta_batch_loss(reference, r_params, r_buffers, [AttackTask(ma.attacks.make("none"), 0)], x, y, cfg)
+    assert all(torch.equal(buffers[k], r_buffers[k]) for k in buffers)
+
+
+def test_a_resume_keeps_the_per_type_statistics(tmp_path):
+    whole = tiny_run(TWO_TYPES, steps=4, task_bn=True)
+    tiny_run(TWO_TYPES, tmp_path, steps=2, task_bn=True)
+    saved = ckpt.load_checkpoint(ckpt.list_checkpoints(tmp_path)[-1])
+    assert saved["state"]["task_bn"]["names"] == ["none", "noise"]
+    resumed = tiny_run(TWO_TYPES, tmp_path, steps=4, resume=True, task_bn=True)
+    for mine, theirs in zip(resumed.task_bn.stats, whole.task_bn.stats, strict=True):
+        assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+def test_evaluate_task_bn_picks_the_nearest_types_statistics():
+    result = tiny_run(TWO_TYPES, steps=20, task_bn=True)
+    _, test = ma.data.load("mnist5k")
+    report = ma.evaluate(result.model, test, ["noise(eps=0.5)", "none"], n_examples=32, adapt_shots=16,
+                         adapt_methods=("bn", "task_bn"), task_bn=result.task_bn)  # fmt: skip
+    assert report.meta["task_bn_types"] == {ma.attacks.make("noise(eps=0.5)").spec: "noise", "none": "none"}
+    assert set(report.adapted) == {"bn", "task_bn"} and 0 <= report.adapted_union["task_bn"] <= 1
+    with pytest.raises(ValueError, match=r"task_bn=result\.task_bn"):
+        ma.evaluate(result.model, test, "none", n_examples=8, adapt_shots=4, adapt_methods=("task_bn",))
