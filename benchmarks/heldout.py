@@ -165,7 +165,7 @@ def run_one(method: str, protocol: dict, seed: int, device: str, out: Path) -> d
         "heldout": heldout.to_dict(), "train_attacks": trained_on.to_dict(), "adapted": adapted,
         "sanity": sanity(model, test, protocol, seed),
         "eval_seconds": time.perf_counter() - t_eval,
-        "history": [{k: r[k] for k in ("step", "loss", "seconds", "task_names", "query_acc") if k in r}
+        "history": [{k: r[k] for k in ("step", "loss", "seconds", "task_names", "query_acc", "task_weights") if k in r}
                     for r in result.history],
         "config": protocol, "versions": versions(), "git_commit": git_commit(), "hardware": hardware(model),
     }  # fmt: skip
@@ -227,6 +227,7 @@ def run_parallel(args: argparse.Namespace, runs: list[tuple[int, str]], out: Pat
     base = [sys.executable, __file__, "--protocol", str(args.protocol), "--device", args.device, "--out", str(out)]
     base += ["--no-summary", *(["--quick"] if args.quick else []), *(["--data", args.data] if args.data else [])]
     base += ["--overwrite"] if args.overwrite else []
+    base += ["--shots", *map(str, args.shots)] if args.shots is not None else []
     start = time.perf_counter()
 
     def one(run: tuple[int, str]) -> int:
@@ -250,6 +251,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (quick: 0)")
     p.add_argument("--methods", nargs="+", help="subset of the protocol's methods")
     p.add_argument("--data", help="override the protocol's dataset (e.g. mnist, with torchvision)")
+    p.add_argument("--shots", type=int, nargs="*", help="override the protocol's few-shot sizes (none: zero-shot only)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", type=Path, help="default: benchmarks/results/<protocol>[_quick]")
     p.add_argument("--jobs", type=int, default=1, help="(seed, method) runs in parallel processes")
@@ -261,6 +263,8 @@ def main() -> None:
     protocol = load_protocol(args.protocol, args.quick)
     if args.data:
         protocol["data"] = args.data
+    if args.shots is not None:
+        protocol["shots"] = args.shots
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
     methods = args.methods or protocol["methods"]
     out = args.out or ROOT / "benchmarks" / "results" / (protocol["name"] + ("_quick" if args.quick else ""))
