@@ -3,7 +3,7 @@
     python benchmarks/speed.py            # full: ~5 minutes on 2 CPU cores
     python benchmarks/speed.py --quick    # a smoke run in well under a minute
 
-Prints markdown tables and writes benchmarks/results/speed_<device>.json:
+Prints markdown tables and writes benchmarks/results/speed_<device>.json and a scaling plot beside it:
 - metaadv's meta-step (looped over tasks, the default) vs its task-batched execution
   (`MetaConfig(batched=True)`: one attack call for all tasks, vmap over the inner loop and query loss) vs
   the same algorithm written with `higher` (innerloop_ctx) and as a plain loop of torch.autograd calls over
@@ -193,6 +193,31 @@ def pgd_throughput(device: torch.device, n: int, steps: int, repeats: int) -> di
     return {f"{k}_img_per_s": n / v for k, v in med.items()}
 
 
+def plot_scaling(result: dict, path: Path) -> None:
+    """Seconds per meta-step (looped and batched) and graph memory vs tasks and vs inner steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, key, x in ((axes[0], "scaling_tasks", "tasks"), (axes[1], "scaling_inner", "inner_steps")):
+        rows = result[key]
+        xs = [r[x] for r in rows]
+        ax.plot(xs, [r["seconds"] for r in rows], "o-", label="looped (s)")
+        ax.plot(xs, [r["batched_seconds"] for r in rows], "s--", label="batched (s)")
+        ax.set(xlabel=x.replace("_", " "), ylabel="seconds per meta-step")
+        mem = ax.twinx()
+        mem.plot(xs, [r["graph_mb"] for r in rows], "^:", color="gray", label="autograd graph (MiB)")
+        mem.set_ylabel("MiB")
+        ax.legend(loc="upper left", fontsize=8)
+    fig.suptitle(f"meta-step scaling ({result['device']}, {result['threads']} threads)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes and few repeats (smoke test)")
@@ -240,7 +265,9 @@ def main() -> None:
     out = Path(args.out or f"benchmarks/results/speed_{device.type}{'_quick' if quick else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {out}")
+    figure = out.with_name(f"{out.stem}_scaling.png")  # next to the JSON
+    plot_scaling(result, figure)
+    print(f"\nwrote {out} and {figure}")
 
 
 if __name__ == "__main__":
