@@ -24,7 +24,18 @@ from tqdm.auto import tqdm
 
 from . import attacks as _attacks
 from .data import to_tensors
-from .functional import ModelFn, Params, call, clone_buffers, detach, eval_mode, model_fn, state
+from .functional import (
+    ModelFn,
+    Params,
+    batchnorm_layers,
+    batchnorm_training,
+    call,
+    clone_buffers,
+    detach,
+    eval_mode,
+    model_fn,
+    state,
+)
 from .inner import adapt
 from .task_bn import TaskBatchNorm
 from .validation import check_images, check_labels, check_logits, check_positive
@@ -162,7 +173,7 @@ def evaluate(
             "adapt method 'task_bn' needs the per-type BatchNorm statistics of a run with MetaConfig(task_bn=True): "
             f"pass task_bn=result.task_bn, got {type(task_bn).__name__}"
         )
-    if adapt_shots > 0 and {"bn", "task_bn"} & set(methods) and not _bn_layers(model):
+    if adapt_shots > 0 and {"bn", "task_bn"} & set(methods) and not batchnorm_layers(model):
         raise ValueError(
             "adapt method 'bn' re-estimates BatchNorm statistics, but the model has no BatchNorm layer "
             f"tracking running statistics; use adapt_methods=('sgd',) for {type(model).__name__}"
@@ -429,14 +440,6 @@ def _adapted_fn(
     return model_fn(model, params, {n: v.to(support[n].device) for n, v in task_bn.buffers(k).items()})  # type: ignore[union-attr]
 
 
-def _bn_layers(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
-    return [
-        (name, m)
-        for name, m in model.named_modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.running_mean is not None
-    ]
-
-
 def _support_bn_buffers(
     model: nn.Module,
     params: Params,
@@ -451,27 +454,17 @@ def _support_bn_buffers(
     average over minibatches) on fresh copies of the buffers; ``momentum=m`` then mixes
     ``(1 - m) * old + m * new``. The model's own buffers, modes and momenta are unchanged on return.
     """
-    layers = _bn_layers(model)
+    layers = batchnorm_layers(model)
     new = clone_buffers(buffers)
-    for name, _ in layers:
-        p = f"{name}." if name else ""
+    for p, _ in layers:
         new[p + "running_mean"].zero_()
         new[p + "running_var"].fill_(1.0)
         if p + "num_batches_tracked" in new:
             new[p + "num_batches_tracked"].zero_()
-    saved = [(m, m.training, m.momentum) for _, m in layers]
-    try:
-        for m, _, _ in saved:
-            m.train()
-            m.momentum = None
-        with torch.no_grad():
-            for xb in x.split(batch_size):
-                call(model, params, new, xb)
-    finally:
-        for m, training, mom in saved:
-            m.training, m.momentum = training, mom
-    for name, _ in layers:
-        p = f"{name}." if name else ""
+    with batchnorm_training(model, cumulative=True), torch.no_grad():
+        for xb in x.split(batch_size):
+            call(model, params, new, xb)
+    for p, _ in layers:
         if p + "num_batches_tracked" in new:
             new[p + "num_batches_tracked"] = buffers[p + "num_batches_tracked"].clone()
         if momentum is not None:

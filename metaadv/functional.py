@@ -13,7 +13,18 @@ from collections.abc import Callable, Iterator, Mapping
 from torch import Tensor, nn
 from torch.func import functional_call
 
-__all__ = ["ModelFn", "Params", "call", "clone_buffers", "detach", "eval_mode", "model_fn", "state"]
+__all__ = [
+    "ModelFn",
+    "Params",
+    "batchnorm_layers",
+    "batchnorm_training",
+    "call",
+    "clone_buffers",
+    "detach",
+    "eval_mode",
+    "model_fn",
+    "state",
+]
 
 Params = dict[str, Tensor]
 ModelFn = Callable[[Tensor], Tensor]
@@ -56,3 +67,30 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, training in modes:
             m.training = training
+
+
+def batchnorm_layers(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
+    """``(prefix, layer)`` of every BatchNorm layer tracking running statistics; ``prefix`` starts its
+    buffer names (``"features.1."``, ``""`` for a bare BatchNorm model)."""
+    return [
+        (f"{name}." if name else "", m)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.running_mean is not None
+    ]
+
+
+@contextlib.contextmanager
+def batchnorm_training(model: nn.Module, *, cumulative: bool = False) -> Iterator[nn.Module]:
+    """Run the block with the BatchNorm layers (only) in training mode, so a forward pass updates the running
+    statistics it is given; ``cumulative``: with momentum None (a cumulative average over the block's
+    passes). Afterwards every layer has its own mode and momentum back."""
+    saved = [(m, m.training, m.momentum) for _, m in batchnorm_layers(model)]
+    try:
+        for m, _, _ in saved:
+            m.train()
+            if cumulative:
+                m.momentum = None
+        yield model
+    finally:
+        for m, training, momentum in saved:
+            m.training, m.momentum = training, momentum

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .functional import Params, call, clone_buffers
+from .functional import Params, batchnorm_layers, batchnorm_training, call, clone_buffers
 
 __all__ = ["TaskBatchNorm", "bn_divergence"]
 
@@ -44,7 +44,7 @@ class TaskBatchNorm:
     """
 
     def __init__(self, model: nn.Module, buffers: Mapping[str, Tensor], names: Sequence[str]) -> None:
-        if not _bn_keys(model):
+        if not batchnorm_layers(model):
             raise ValueError(
                 f"MetaConfig.task_bn keeps per-type BatchNorm statistics, but {type(model).__name__} has no "
                 "BatchNorm layer tracking running statistics"
@@ -56,15 +56,8 @@ class TaskBatchNorm:
     def update(self, model: nn.Module, params: Params, type_index: int, x: Tensor) -> None:
         """Update type ``type_index``'s statistics with one forward pass of ``x`` (N, C, H, W) at ``params``,
         BatchNorm in training mode (its momentum), whatever the model's mode; nothing else changes."""
-        layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        modes = [m.training for m in layers]
-        try:
-            for m in layers:
-                m.train()
+        with batchnorm_training(model):
             call(model, params, self.stats[type_index], x)
-        finally:
-            for m, mode in zip(layers, modes, strict=True):
-                m.training = mode
 
     def nearest(self, model: nn.Module, support_buffers: Mapping[str, Tensor]) -> int:
         """The type index whose statistics are nearest (``bn_divergence``) to ``support_buffers``."""
@@ -90,18 +83,9 @@ class TaskBatchNorm:
 def bn_divergence(model: nn.Module, a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tensor:
     """Sum over BatchNorm layers and channels of KL(N(mu_a, var_a) || N(mu_b, var_b)), a scalar >= 0."""
     total = torch.zeros(())
-    for prefix in _bn_keys(model):
+    for prefix, _ in batchnorm_layers(model):
         mu_a, var_a = a[prefix + "running_mean"], a[prefix + "running_var"].clamp_min(1e-12)
         mu_b, var_b = b[prefix + "running_mean"], b[prefix + "running_var"].clamp_min(1e-12)
         kl = 0.5 * (var_a / var_b + (mu_b - mu_a) ** 2 / var_b - 1 + torch.log(var_b / var_a))
         total = total + kl.sum().cpu()
     return total
-
-
-def _bn_keys(model: nn.Module) -> list[str]:
-    """The buffer-name prefixes (``"features.1."``) of the BatchNorm layers tracking running statistics."""
-    return [
-        f"{name}." if name else ""
-        for name, m in model.named_modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.running_mean is not None
-    ]
