@@ -228,6 +228,7 @@ def run_parallel(args: argparse.Namespace, runs: list[tuple[int, str]], out: Pat
     base += ["--no-summary", *(["--quick"] if args.quick else []), *(["--data", args.data] if args.data else [])]
     base += ["--overwrite"] if args.overwrite else []
     base += ["--shots", *map(str, args.shots)] if args.shots is not None else []
+    base += ["--examples", str(args.examples)] if args.examples is not None else []
     start = time.perf_counter()
 
     def one(run: tuple[int, str]) -> int:
@@ -252,6 +253,7 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", help="subset of the protocol's methods")
     p.add_argument("--data", help="override the protocol's dataset (e.g. mnist, with torchvision)")
     p.add_argument("--shots", type=int, nargs="*", help="override the protocol's few-shot sizes (none: zero-shot only)")
+    p.add_argument("--examples", type=int, help="override the protocol's n_examples and sanity_examples (test digits)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", type=Path, help="default: benchmarks/results/<protocol>[_quick]")
     p.add_argument("--jobs", type=int, default=1, help="(seed, method) runs in parallel processes")
@@ -265,6 +267,10 @@ def main() -> None:
         protocol["data"] = args.data
     if args.shots is not None:
         protocol["shots"] = args.shots
+    if args.examples is not None:
+        if args.examples < 1:
+            p.error(f"--examples must be >= 1, got {args.examples}")
+        protocol["n_examples"] = protocol["sanity_examples"] = args.examples
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
     methods = args.methods or protocol["methods"]
     out = args.out or ROOT / "benchmarks" / "results" / (protocol["name"] + ("_quick" if args.quick else ""))
