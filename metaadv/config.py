@@ -17,6 +17,7 @@ __all__ = ["MetaConfig", "RunConfig", "load_run_config", "read_config_file", "ru
 _OPTIMIZERS = ("adam", "sgd")
 _QUERY_ATTACK = ("meta", "adapted")
 INNER_PARAMS = ("all", "head")  # what the inner loop adapts (see inner.inner_parameter_names)
+TASK_ENCODINGS = ("none", "type", "support")  # where FiLM's task code comes from (see film.py)
 
 
 def _is_int(v: Any) -> bool:
@@ -62,13 +63,19 @@ class MetaConfig:
     attention_entropy: float = 1.0  # tau > 0: the attention's entropy bonus; optimum softmax(L / tau)
     attention_lr: float = 0.01  # learning rate of the attention network (its own group of the meta-optimizer)
     task_bn: bool = False  # also keep BatchNorm running statistics per attack type (for evaluate's "task_bn")
+    # Model conditioning and regularization options (docs/meta_options.md).
+    task_encoding: str = "none"  # FiLM task code: "none", "type" (learned per type), "support" (inferred)
+    encoding_dim: int = 8  # size of the task code fed to FiLM
+    meta_dropout: float = 0.0  # p in [0, 1): learned per-channel dropout, adapted in the inner loop (0: off)
+    per_step_bn: bool = False  # MAML++: BatchNorm running statistics per inner step (step 0 = at the meta-parameters)
+    persistent_generator: bool = False  # generator(...) task types keep one generator each, trained across meta-steps
     # Performance options (docs/performance.md).
     reuse_every: int = 1  # R: craft a task type's adversarial sets at most every R meta-steps, reuse them between
     autocast_attacks: bool = False  # craft adversarial examples under bf16 autocast (the meta-gradient stays fp32)
 
     def __post_init__(self) -> None:
         for name in ("tasks_per_batch", "support_size", "query_size", "epochs", "log_every", "max_bad_steps",
-                     "reuse_every"):  # fmt: skip
+                     "reuse_every", "encoding_dim"):  # fmt: skip
             self._require(name, _is_int(getattr(self, name)) and getattr(self, name) >= 1, "an integer >= 1")
         self._require("inner_steps", _is_int(self.inner_steps) and self.inner_steps >= 0, "an integer >= 0")
         self._require("steps", self.steps is None or (_is_int(self.steps) and self.steps >= 1), "None or >= 1")
@@ -82,8 +89,17 @@ class MetaConfig:
                       "an integer >= 0")  # fmt: skip
         self._require("inner_params", self.inner_params in INNER_PARAMS, f"one of {INNER_PARAMS}")
         for name in ("first_order", "sample_replace", "deterministic", "batched", "learn_inner_lr", "autocast_attacks",
-                     "task_attention", "task_bn"):  # fmt: skip
+                     "task_attention", "task_bn", "per_step_bn", "persistent_generator"):  # fmt: skip
             self._require(name, isinstance(getattr(self, name), bool), "True or False")
+        self._require("task_encoding", self.task_encoding in TASK_ENCODINGS, f"one of {TASK_ENCODINGS}")
+        self._require("meta_dropout", _is_num(self.meta_dropout) and 0 <= self.meta_dropout < 1, "in [0, 1)")
+        looped_only = {"task_encoding": self.task_encoding != "none", "meta_dropout": self.meta_dropout > 0,
+                       "per_step_bn": self.per_step_bn}  # fmt: skip
+        for name, on in looped_only.items():
+            if on and self.batched:
+                raise ValueError(
+                    f"MetaConfig.{name}={getattr(self, name)!r} needs the looped meta-step: set batched=False"
+                )
         self._require("outer_optimizer", self.outer_optimizer in _OPTIMIZERS, f"one of {_OPTIMIZERS}")
         self._require("query_attack", self.query_attack in _QUERY_ATTACK, f"one of {_QUERY_ATTACK}")
         self._require("device", isinstance(self.device, str) and self.device != "", "'auto', 'cpu' or 'cuda[:i]'")

@@ -70,6 +70,11 @@ LATER_FIELDS = (
     "attention_entropy",
     "attention_lr",
     "task_bn",
+    "task_encoding",
+    "encoding_dim",
+    "meta_dropout",
+    "per_step_bn",
+    "persistent_generator",
 )
 
 
