@@ -108,9 +108,11 @@ def train(method: str, protocol: dict, train_data, seed: int, device: str) -> ma
     model = ma.models.build(protocol["model"])
     variants = {**META_METHODS, **protocol.get("meta_variants", {})}  # a protocol may name meta-options to ablate
     if method in variants:
-        config = ma.MetaConfig(**{**protocol["meta"], **variants[method]}, epochs=protocol["epochs"], seed=seed,
+        options = dict(variants[method])
+        specs = options.pop("train_attacks", protocol["train_attacks"])  # a variant may add task types
+        config = ma.MetaConfig(**{**protocol["meta"], **options}, epochs=protocol["epochs"], seed=seed,
                                device=device)  # fmt: skip
-        tasks = ma.AttackDistribution(protocol["train_attacks"], seed=seed)
+        tasks = ma.AttackDistribution(specs, seed=seed)
         return ma.meta_train(model, train_data, tasks, config, progress=False)
     if method not in BASELINE_ATTACKS:
         raise ValueError(f"unknown method {method!r}; available: {[*BASELINE_ATTACKS, *variants]}")

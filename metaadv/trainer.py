@@ -37,6 +37,7 @@ from .data import to_tensors
 from .functional import Params, state
 from .inner import init_inner_lr
 from .meta import meta_batch_loss
+from .meta_dropout import MetaDropout
 from .reuse import AdversarialPool
 from .task_bn import TaskBatchNorm
 from .tasks import AttackDistribution
@@ -572,7 +573,9 @@ def meta_train(
         tasks (``loss`` is then the weighted meta-loss) and ``.attention`` the trained
         ``attention.TaskAttention``; docs/meta_options.md gives the objective. With ``config.task_bn``,
         ``.task_bn`` holds BatchNorm statistics per attack type (``task_bn.TaskBatchNorm``, checkpointed),
-        for ``evaluate(..., adapt_methods=("task_bn",), task_bn=result.task_bn)``.
+        for ``evaluate(..., adapt_methods=("task_bn",), task_bn=result.task_bn)``. With ``config.meta_dropout``
+        the model is wrapped in ``meta_dropout.MetaDropout`` (learned dropout logits, adapted in the inner loop)
+        and ``.model`` is that wrapper, around the trained ``model``.
 
     Raises:
         NonFiniteLossError: ``config.max_bad_steps`` consecutive meta-steps were skipped.
@@ -601,6 +604,7 @@ def meta_train(
     per_task = config.support_size + config.query_size
     rows = slice(mine.start * per_task, mine.stop * per_task)  # their clean examples in the shared batch
     torch.manual_seed(config.seed + rank)  # attack random starts, distinct per rank (a resume restores them later)
+    model = MetaDropout(model, config.meta_dropout) if config.meta_dropout else model  # the outermost wrapper
     model.to(device)
     x, y = training_tensors(model, train_data, device)
     params, buffers = state(model)
