@@ -157,6 +157,8 @@ def run_one(method: str, protocol: dict, seed: int, device: str, out: Path) -> d
     # A run with per-type BatchNorm statistics (MetaConfig.task_bn) is also adapted by picking the nearest type's.
     adapt = {"adapt_methods": ("sgd", "bn", "task_bn"), "task_bn": result.task_bn} if result.task_bn else {
         "adapt_methods": ("sgd", "bn")}  # fmt: skip
+    # A run with per-step statistics (MetaConfig.per_step_bn) normalizes its sgd-adapted model with them.
+    adapt |= {"step_bn": result.step_bn} if result.step_bn else {}
     reports = {s: ma.evaluate(model, test, protocol["held_out"], adapt_shots=s, **adapt, **opts)
                for s in protocol["shots"]}  # fmt: skip
     heldout = next(iter(reports.values())) if reports else ma.evaluate(model, test, protocol["held_out"], **opts)

@@ -23,7 +23,9 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from . import attacks as _attacks
+from .config import INNER_PARAMS
 from .data import to_tensors
+from .film import encoding_of, task_code, with_code
 from .functional import (
     ModelFn,
     Params,
@@ -36,7 +38,8 @@ from .functional import (
     model_fn,
     state,
 )
-from .inner import adapt
+from .inner import LearningRate, adapt, inner_parameter_names
+from .step_bn import StepBatchNorm
 from .task_bn import TaskBatchNorm
 from .validation import check_images, check_labels, check_logits, check_positive
 
@@ -122,10 +125,13 @@ def evaluate(
     *,
     adapt_shots: int = 0,
     adapt_steps: int = 10,
-    adapt_lr: float = 0.01,
+    adapt_lr: float | Mapping[str, Tensor] = 0.01,
+    adapt_params: str = "all",
+    adapt_proximal: float = 0.0,
     adapt_methods: Sequence[str] = ("sgd",),
     bn_momentum: float | None = None,
     task_bn: TaskBatchNorm | None = None,
+    step_bn: StepBatchNorm | None = None,
     n_examples: int | None = None,
     batch_size: int = 256,
     seed: int = 0,
@@ -142,7 +148,11 @@ def evaluate(
             ``"torchattacks:PGD(eps=0.3)"``), dicts or ``Attack`` objects (see ``metaadv.attacks.make``).
         adapt_shots: support examples per attack for few-shot adaptation (0: zero-shot only). They are
             drawn from examples disjoint from the evaluation examples.
-        adapt_steps, adapt_lr: SGD steps and learning rate of the ``"sgd"`` adaptation.
+        adapt_steps, adapt_lr: SGD steps and learning rate of the ``"sgd"`` adaptation; ``adapt_lr`` may also
+            be a tensor per adapted parameter, name -> tensor shaped like it (Meta-SGD's ``TrainResult.inner_lr``).
+        adapt_params, adapt_proximal: the ``"sgd"`` adaptation's ``inner_params`` (``"all"`` or ``"head"``:
+            ANIL) and ``proximal`` weight (>= 0), as in ``adapt``: with ``adapt_lr``, a meta-trained model can
+            be adapted with its own inner loop (``MetaConfig`` ``inner_params``, ``proximal``, ``inner_lr``).
         adapt_methods: any of ``"sgd"`` (fine-tune on the adversarial support set, first order, eval mode),
             ``"bn"`` (re-estimate every BatchNorm layer's statistics from the adversarial support set,
             no gradient step) and ``"task_bn"`` (normalize with the BatchNorm statistics of the training
@@ -152,6 +162,10 @@ def evaluate(
         task_bn: the per-attack-type statistics of a run with ``MetaConfig(task_bn=True)``
             (``TrainResult.task_bn``); needed by ``"task_bn"``. The chosen type per attack is in
             ``RobustnessReport.meta["task_bn_types"]``.
+        step_bn: the per-step statistics of a run with ``MetaConfig(per_step_bn=True)`` (``TrainResult.step_bn``,
+            K inner steps). The ``"sgd"`` adaptation's step k then normalizes with set min(k, K) (set 0: the
+            model's own) and the adapted model with set K, measured at the adapted parameters in training;
+            zero-shot and the other methods are unchanged.
         n_examples: evaluate on the first ``n_examples`` of a seeded permutation (None: all examples not
             reserved for the support pool). The evaluation examples do not depend on ``adapt_shots``.
         batch_size: minibatch size for attacks and forward passes.
@@ -178,6 +192,7 @@ def evaluate(
             "adapt method 'bn' re-estimates BatchNorm statistics, but the model has no BatchNorm layer "
             f"tracking running statistics; use adapt_methods=('sgd',) for {type(model).__name__}"
         )
+    _check_inner_options(model, adapt_lr, adapt_params, adapt_proximal, step_bn)
     x_all, y_all = to_tensors(data)
     check_images(x_all, "data images")
     eval_idx, support_idx = _split(len(x_all), n_examples, adapt_shots, seed)
@@ -187,6 +202,8 @@ def evaluate(
     dtype = next((p.dtype for p in params.values() if p.is_floating_point()), x_all.dtype)
     params = {k: v.detach().to(dev) for k, v in params.items()}  # a functional copy: the model never moves
     buffers = {k: v.to(dev) for k, v in buffers.items()}
+    lr = {k: v.detach().to(dev, dtype) for k, v in adapt_lr.items()} if isinstance(adapt_lr, Mapping) else adapt_lr
+    step_sets = [buffers, *({k: v.to(dev) for k, v in s.items()} for s in step_bn.stats)] if step_bn else [buffers]
     x, y = x_all[eval_idx].to(dev, dtype), y_all[eval_idx].to(dev)  # (n, C, H, W), (n,)
     x_s, y_s = x_all[support_idx].to(dev, dtype), y_all[support_idx].to(dev)  # (adapt_shots, C, H, W)
 
@@ -208,7 +225,10 @@ def evaluate(
             if adapt_shots:
                 opts = {
                     "steps": adapt_steps,
-                    "lr": adapt_lr,
+                    "lr": lr,
+                    "inner_params": adapt_params,
+                    "proximal": adapt_proximal,
+                    "step_sets": step_sets,
                     "momentum": bn_momentum,
                     "batch_size": batch_size,
                     "task_bn": task_bn,
@@ -239,7 +259,10 @@ def evaluate(
             "batch_size": batch_size,
             "adapt_methods": list(methods) if adapt_shots else [],
             "adapt_steps": adapt_steps,
-            "adapt_lr": adapt_lr,
+            "adapt_lr": "learned" if isinstance(adapt_lr, Mapping) else adapt_lr,  # learned: a tensor per parameter
+            "adapt_params": adapt_params,
+            "adapt_proximal": adapt_proximal,
+            "step_bn": step_bn is not None,
             "bn_momentum": bn_momentum,
             **({"task_bn_types": chosen} if chosen else {}),
         },
@@ -268,8 +291,12 @@ def _adapted_results(
     for spec, atk in atks.items():
         torch.manual_seed(seed)
         x_adv_s = _craft(atk, spec, fn, x_s, y_s, opts["batch_size"])  # against the unadapted model
+        code = None  # a FiLM model's task code inferred from the support set's perturbations (film.py)
+        if encoding_of(model) == "support":
+            with torch.no_grad():
+                code = task_code(model, params, support_adv=x_adv_s, support_clean=x_s)
         for method in methods:
-            fn_a = _adapted_fn(method, model, params, buffers, x_adv_s, y_s, spec=spec, **opts)
+            fn_a = _adapted_fn(method, model, params, buffers, x_adv_s, y_s, spec=spec, code=code, **opts)
             clean_a = _correct(fn_a, x, y, opts["batch_size"])
             mask = _attack_correct(atk, spec, fn_a, x, y, opts["batch_size"], seed)  # white-box, adapted
             survive[method] &= clean_a & mask
@@ -315,7 +342,8 @@ def _check_options(
 ) -> tuple[str, ...]:
     check_positive(shots, "adapt_shots", allow_zero=True, integer=True)
     check_positive(steps, "adapt_steps", allow_zero=True, integer=True)
-    check_positive(lr, "adapt_lr")
+    if not isinstance(lr, Mapping):  # a mapping (learned step sizes) is checked by _check_inner_options
+        check_positive(lr, "adapt_lr")
     check_positive(batch_size, "batch_size", integer=True)
     if n_examples is not None:
         check_positive(n_examples, "n_examples", integer=True)
@@ -330,6 +358,31 @@ def _check_options(
     if len(set(methods)) != len(methods):
         raise ValueError(f"adapt_methods lists a method twice: {list(methods)}")
     return methods
+
+
+def _check_inner_options(model: nn.Module, lr: object, inner_params: object, proximal: object, step_bn: object) -> None:
+    """The ``"sgd"`` adaptation's inner-loop options: ``adapt_params``, ``adapt_proximal``, a learned ``adapt_lr``
+    (one tensor per adapted parameter, shaped like it) and ``step_bn`` (statistics for the model's buffers)."""
+    if inner_params not in INNER_PARAMS:
+        raise ValueError(f"adapt_params must be one of {INNER_PARAMS}, got {inner_params!r}")
+    check_positive(proximal, "adapt_proximal", allow_zero=True)
+    if isinstance(lr, Mapping):
+        own = dict(model.named_parameters())
+        names = inner_parameter_names(model, inner_params)
+        if set(lr) != set(names):
+            raise ValueError(f"adapt_lr must hold one tensor per adapted parameter {names} "
+                             f"(adapt_params={inner_params!r}), got {sorted(lr)}")  # fmt: skip
+        for k, v in lr.items():
+            if not isinstance(v, Tensor) or v.shape != own[k].shape:
+                raise ValueError(f"adapt_lr[{k!r}] must be a tensor of shape {tuple(own[k].shape)}, got {v!r}")
+    if step_bn is not None:
+        if not isinstance(step_bn, StepBatchNorm):
+            raise TypeError(
+                f"step_bn must be a StepBatchNorm (TrainResult.step_bn) or None, got {type(step_bn).__name__}"
+            )
+        own_buffers = {k for k, _ in model.named_buffers()}
+        if any(set(s) != own_buffers for s in step_bn.stats):
+            raise ValueError(f"step_bn holds statistics for other buffers than {type(model).__name__}'s")
 
 
 def _split(n: int, n_examples: int | None, shots: int, seed: int) -> tuple[Tensor, Tensor]:
@@ -419,25 +472,35 @@ def _adapted_fn(
     y_s: Tensor,
     *,
     steps: int,
-    lr: float,
+    lr: LearningRate,
+    inner_params: str,
+    proximal: float,
+    step_sets: list[Params],
     momentum: float | None,
     batch_size: int,
     task_bn: TaskBatchNorm | None,
     chosen: dict[str, str],
     spec: str,
+    code: Tensor | None = None,
 ) -> ModelFn:
     """The eval-mode model after adapting to the adversarial support set ``(x_s, y_s)`` with ``method``
-    (``"task_bn"`` records the type it picked for ``spec`` in ``chosen``)."""
+    (``"task_bn"`` records the type it picked for ``spec`` in ``chosen``). ``step_sets``: BatchNorm statistics
+    per inner step (``[buffers]`` without ``step_bn``); SGD step k normalizes with set min(k, K), the result
+    with set K. ``code``: a FiLM model's task code (dim,), used in every forward pass (None: the model's own)."""
+    if code is not None:
+        buffers, step_sets = with_code(buffers, code), [with_code(b, code) for b in step_sets]
     if method == "sgd":
-        scratch = clone_buffers(buffers)
-        theta = adapt(model, x_s, y_s, params=params, buffers=scratch, steps=steps, lr=lr, first_order=True)
-        return model_fn(model, detach(theta), buffers)
+        per_step = [clone_buffers(step_sets[min(k, len(step_sets) - 1)]) for k in range(steps)]
+        theta = adapt(model, x_s, y_s, params=params, buffers=per_step, steps=steps, lr=lr, first_order=True,
+                      inner_params=inner_params, proximal=proximal)  # fmt: skip
+        return model_fn(model, detach(theta), step_sets[-1])
     support = _support_bn_buffers(model, params, buffers, x_s, None if method == "task_bn" else momentum, batch_size)
     if method == "bn":
         return model_fn(model, params, support)
     k = task_bn.nearest(model, support)  # type: ignore[union-attr]
     chosen[spec] = task_bn.names[k]  # type: ignore[union-attr]
-    return model_fn(model, params, {n: v.to(support[n].device) for n, v in task_bn.buffers(k).items()})  # type: ignore[union-attr]
+    typed = {n: v.to(support[n].device) for n, v in task_bn.buffers(k).items()}  # type: ignore[union-attr]
+    return model_fn(model, params, typed if code is None else with_code(typed, code))
 
 
 def _support_bn_buffers(

@@ -8,7 +8,7 @@ adapted copy towards the start (soft parameter sharing), and per-parameter step 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +59,7 @@ def adapt(
     y: Tensor,
     *,
     params: Mapping[str, Tensor] | None = None,
-    buffers: Mapping[str, Tensor] | None = None,
+    buffers: Mapping[str, Tensor] | Sequence[Mapping[str, Tensor]] | None = None,
     steps: int = 1,
     lr: LearningRate = 0.01,
     first_order: bool = False,
@@ -77,7 +77,9 @@ def adapt(
             respect to them, so a query loss at the adapted point back-propagates to the meta-parameters.
         buffers: buffers for the forward passes (default: scratch copies of the model's, so BatchNorm
             running statistics of a training-mode model do not move). Pass per-task buffers to keep
-            per-task statistics; they are updated in place when the model is in training mode.
+            per-task statistics; they are updated in place when the model is in training mode. A sequence
+            of ``steps`` buffer dicts gives each step its own: step k's forward pass (at theta^(k)) uses
+            ``buffers[k]`` (per-step BatchNorm statistics, MAML++; see ``step_bn.py``).
         steps: number of inner SGD steps (>= 0).
         lr: inner learning rate (> 0), or a tensor per adapted parameter, shaped like it (Meta-SGD's
             learned step sizes, see ``init_inner_lr``; the result is differentiable w.r.t. them).
@@ -97,13 +99,13 @@ def adapt(
     The model's train/eval mode decides BatchNorm's behaviour, as in a normal forward pass.
     """
     theta, fast, own_buffers = _start(model, params, steps, lr, inner_params, proximal)
-    scratch = clone_buffers(own_buffers) if buffers is None else buffers
+    per_step = iter(_step_buffers(clone_buffers(own_buffers) if buffers is None else buffers, steps))
     # Parameters that carry no graph (e.g. detached copies at evaluation time) become leaves we can
     # differentiate; parameters from the meta-model keep their graph.
     fast = {k: theta[k] if theta[k].requires_grad else theta[k].detach().requires_grad_() for k in fast}
 
     def gradient(fast: Params) -> Params:
-        loss = loss_fn(call(model, {**theta, **fast}, scratch, x), y)
+        loss = loss_fn(call(model, {**theta, **fast}, next(per_step), x), y)
         grads = torch.autograd.grad(loss, list(fast.values()), create_graph=not first_order)
         return dict(zip(fast, grads, strict=True))
 
@@ -176,6 +178,17 @@ def _start(
     else:
         check_positive(lr, "lr")
     return theta, fast, own_buffers
+
+
+def _step_buffers(buffers: Mapping[str, Tensor] | Sequence[Mapping[str, Tensor]], steps: int) -> list[Mapping]:
+    """``adapt``'s buffers, one dict per inner step: a mapping serves every step, a sequence gives one each."""
+    if isinstance(buffers, Mapping):
+        return [buffers] * steps
+    if not isinstance(buffers, Sequence) or not all(isinstance(b, Mapping) for b in buffers):
+        raise TypeError(f"buffers must be a mapping name -> tensor or a sequence of them, got {type(buffers).__name__}")
+    if len(buffers) != steps:
+        raise ValueError(f"buffers holds {len(buffers)} dicts, one per inner step is needed: steps={steps}")
+    return list(buffers)
 
 
 def _sgd_steps(theta: Params, gradient: Gradient, steps: int, lr: LearningRate, proximal: float) -> Params:

@@ -27,13 +27,15 @@ from .attacks.spec import group_by_batch_key, run_grouped
 from .attention import task_statistics, weighted_meta_loss
 from .batchnorm import BatchNormFromPrimitives, update_running_stats
 from .config import MetaConfig
-from .functional import Params, call, clone_buffers, model_fn
+from .film import task_code, with_code
+from .functional import ModelFn, Params, call, clone_buffers, model_fn
 from .inner import adapt, adapt_tasks
 from .tasks import AttackTask, split_support_query
 
 if TYPE_CHECKING:
     from .attention import TaskAttention
     from .reuse import AdversarialPool
+    from .step_bn import StepBatchNorm
     from .task_bn import TaskBatchNorm
 
 __all__ = ["MetaBatchLoss", "TaskSets", "attack_precision", "craft_task_sets", "meta_batch_loss", "task_losses"]
@@ -61,6 +63,7 @@ class TaskSets:
     query: Tensor | None  # (Q, C, H, W) adversarial query examples; None: crafted against the adapted copy
     query_clean: Tensor  # (Q, C, H, W) the clean query examples
     query_y: Tensor  # (Q,)
+    support_clean: Tensor | None = None  # (S, C, H, W) the clean support examples (read by task_encoding='support')
 
 
 def meta_batch_loss(
@@ -77,6 +80,7 @@ def meta_batch_loss(
     pool: AdversarialPool | None = None,
     attention: TaskAttention | None = None,
     task_bn: TaskBatchNorm | None = None,
+    step_bn: StepBatchNorm | None = None,
 ) -> MetaBatchLoss:
     """Compute the meta-loss of ``tasks`` on the clean batch ``x`` (B, C, H, W), ``y`` (B,).
 
@@ -87,7 +91,7 @@ def meta_batch_loss(
     (``"adapted"``: exact for many inner steps, one more attack per task). Only the query forward
     passes update ``buffers`` (BatchNorm running statistics); attacks and the inner loop use scratch copies.
     With ``config.batched`` both stages run task-batched (see ``craft_task_sets`` and ``task_losses``).
-    ``step`` and ``inner_lr`` are ``task_losses``'s, ``pool`` is ``craft_task_sets``'s.
+    ``step``, ``inner_lr`` and ``step_bn`` are ``task_losses``'s, ``pool`` is ``craft_task_sets``'s.
 
     ``attention`` (``MetaConfig.task_attention``, see docs/meta_options.md): the loss is
     sum_i stop(a_i) * L_i with a = ``attention(type indices, task statistics)`` instead of the mean, and
@@ -96,10 +100,15 @@ def meta_batch_loss(
 
     ``task_bn`` (``MetaConfig.task_bn``, see ``task_bn.py``): each task's support and query examples also
     update its type's own BatchNorm statistics, at the meta-parameters, in a forward pass of their own.
+
+    ``config.task_encoding`` (``model`` a ``film.FiLM`` or holding one, looped only): each task's inner loop and
+    query loss run at its task code: ``"type"``, its type's embedding (its attacks target the model at that code
+    too); ``"support"``, inferred from its support set's perturbations (attacks target the unknown code 0).
+    Task attention's statistics and ``task_bn``'s updates run at the model's own (zero) code.
     """
     sets = craft_task_sets(model, params, buffers, tasks, x, y, config, pool=pool, step=step)
     losses, query_loss, query_acc = task_losses(model, params, buffers, tasks, sets, config, step=step,
-                                                inner_lr=inner_lr)  # fmt: skip
+                                                inner_lr=inner_lr, step_bn=step_bn)  # fmt: skip
     if task_bn is not None:
         for task, sets_i in zip(tasks, sets, strict=True):
             seen = sets_i.support if sets_i.query is None else torch.cat([sets_i.support, sets_i.query])
@@ -164,7 +173,8 @@ def craft_task_sets(
 
     Looped: one attack call per task, on its support and query examples together. Batched: one call per
     group of tasks whose attacks differ only in eps (``Attack.batch_key``), on the group's concatenated
-    examples with a per-example eps; other attacks (torchattacks, msd, attacks without eps) run per task.
+    examples with a per-example eps; other attacks (torchattacks, msd, attacks without eps) and tasks with a
+    ``runner`` (persistent generators, ``tasks.PersistentGenerators``) run per task.
     The batched calls skip the value checks that read back from the device (``run_grouped``), and in
     training mode the model's BatchNorm normalizes with statistics of the whole group's batch, and random
     starts are drawn for the group at once: batched and looped crafting agree exactly only for
@@ -185,17 +195,20 @@ def craft_task_sets(
     adv: dict[int, Tensor] = {}  # task index -> adversarial examples of its inputs
     with attack_precision(config, x.device):
         if config.batched:
-            for group in group_by_batch_key([tasks[i].attack for i in todo]):
-                group = [todo[j] for j in group]
+            grouped = [i for i in todo if tasks[i].runner is None]
+            adv = {i: tasks[i](target, inputs[i], labels[i]) for i in todo if tasks[i].runner is not None}
+            for group in group_by_batch_key([tasks[i].attack for i in grouped]):
+                group = [grouped[j] for j in group]
                 crafted = run_grouped([tasks[i].attack for i in group], target, [inputs[i] for i in group],
                                       [labels[i] for i in group])  # fmt: skip
                 adv.update(zip(group, crafted, strict=True))
         else:
-            adv = {i: tasks[i](target, inputs[i], labels[i]) for i in todo}
+            adv = {i: tasks[i](_attack_target(model, params, buffers, tasks[i], config) or target, inputs[i], labels[i])
+                   for i in todo}  # fmt: skip
     n = config.support_size
     sets = [
-        reused.get(i) or TaskSets(adv[i][:n], ys, adv[i][n:] if both else None, xq, yq)
-        for i, (_, ys, xq, yq) in enumerate(chunks)
+        reused.get(i) or TaskSets(adv[i][:n], ys, adv[i][n:] if both else None, xq, yq, xs)
+        for i, (xs, ys, xq, yq) in enumerate(chunks)
     ]
     if pool is not None:
         for i in todo:
@@ -213,6 +226,7 @@ def task_losses(
     *,
     step: int | None = None,
     inner_lr: Mapping[str, Tensor] | None = None,
+    step_bn: StepBatchNorm | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The loss stage: adapt to each task's support set, then its query loss at the adapted point.
 
@@ -225,7 +239,9 @@ def task_losses(
     ``config.first_order_at(step)`` (``step``: the 0-based meta-step index, needed when
     ``config.first_order_until > 0``). ``inner_lr``: Meta-SGD's step sizes, name -> tensor shaped like each
     adapted parameter (see ``inner.init_inner_lr``); required when ``config.learn_inner_lr``, else
-    ``config.inner_lr`` is used.
+    ``config.inner_lr`` is used. ``step_bn`` (``config.per_step_bn``, see ``step_bn.py``; required then, refused
+    otherwise): the support pass of inner step k updates statistics set k (set 0: ``buffers``) and the query
+    pass set K, instead of scratch copies and ``buffers``.
 
     Batched (``config.batched``; all tasks need equal support and query sizes): the inner loop is
     ``adapt_tasks`` (``adapt``'s update rule vmapped over tasks) and the query loss is vmapped, with
@@ -235,25 +251,71 @@ def task_losses(
     """
     if config.learn_inner_lr and inner_lr is None:
         raise ValueError("MetaConfig.learn_inner_lr=True needs the learned step sizes: pass inner_lr=")
+    if (None if step_bn is None else step_bn.steps) != (config.inner_steps if config.per_step_bn else None):
+        raise ValueError(
+            f"step_bn must be a StepBatchNorm for inner_steps={config.inner_steps} with MetaConfig.per_step_bn=True "
+            f"and None otherwise (per_step_bn={config.per_step_bn}), got {step_bn!r}"
+        )
+    bn_sets = step_bn.sets(buffers) if step_bn is not None else [buffers]  # forward passes at theta^(k) use set k
     inner = {
         "steps": config.inner_steps,
         "lr": config.inner_lr if inner_lr is None else inner_lr,
         "first_order": config.first_order_at(step),
         "inner_params": config.inner_params,
         "proximal": config.proximal,
+        **({"buffers": bn_sets[:-1]} if step_bn is not None else {}),
     }
     if config.batched:
         return _batched_losses(model, params, buffers, tasks, sets, config, inner)
     out = []
     for task, s in zip(tasks, sets, strict=True):
-        adapted = adapt(model, s.support, s.support_y, params=params, **inner)
+        task_inner, query_buffers, attack_buffers = _encoded(model, params, buffers, bn_sets, inner, task, s, config)
+        adapted = adapt(model, s.support, s.support_y, params=params, **task_inner)
         query = s.query
         if query is None:
             with attack_precision(config, s.query_clean.device):
-                query = task(model_fn(model, adapted, buffers), s.query_clean, s.query_y)
-        out.append(_query_loss(model, adapted, buffers, query, s.query_clean, s.query_y, config.clean_weight))
+                query = task(model_fn(model, adapted, attack_buffers), s.query_clean, s.query_y)
+        out.append(_query_loss(model, adapted, query_buffers, query, s.query_clean, s.query_y, config.clean_weight))
     loss, query_loss, query_acc = (torch.stack(v) for v in zip(*out, strict=True))
     return loss, query_loss, query_acc
+
+
+def _attack_target(
+    model: nn.Module, params: Params, buffers: Params, task: AttackTask, config: MetaConfig
+) -> ModelFn | None:
+    """With ``task_encoding="type"``, the model at the task's type code for its attack (None: the shared target;
+    ``"support"`` attacks the model at the unknown code 0, as the code is inferred from the attack's examples)."""
+    if config.task_encoding != "type":
+        return None
+    return model_fn(model, params, with_code(buffers, task_code(model, params, type_index=task.type_index).detach()))
+
+
+def _encoded(
+    model: nn.Module,
+    params: Params,
+    buffers: Params,
+    bn_sets: Sequence[Params],
+    inner: Mapping[str, Any],
+    task: AttackTask,
+    sets: TaskSets,
+    config: MetaConfig,
+) -> tuple[Mapping[str, Any], Params, Params]:
+    """One task's inner-loop options, query-pass buffers and buffers for an attack on the adapted copy.
+
+    With ``config.task_encoding`` (film.py) each holds the task's code, computed from ``params`` (its graph kept:
+    the meta-gradient reaches the embedding or encoder): the inner loop on scratch copies of ``buffers`` (or on
+    the per-step sets), the query pass on a view of ``bn_sets[-1]`` (its running statistics still update in
+    place), the attack with the code detached. Without it: ``inner``, ``bn_sets[-1]`` and ``buffers``.
+    """
+    if config.task_encoding == "none":
+        return inner, bn_sets[-1], buffers
+    if config.task_encoding == "type":
+        code = task_code(model, params, type_index=task.type_index)
+    else:
+        code = task_code(model, params, support_adv=sets.support, support_clean=sets.support_clean)
+    steps = inner.get("buffers")
+    coded = [with_code(b, code) for b in steps] if steps is not None else with_code(clone_buffers(buffers), code)
+    return {**inner, "buffers": coded}, with_code(bn_sets[-1], code), with_code(buffers, code.detach())
 
 
 def _batched_losses(

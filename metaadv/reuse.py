@@ -68,8 +68,8 @@ class AdversarialPool:
 
     def load_state_dict(self, saved: Mapping[str, Any]) -> None:
         """Restore saved entries (checkpoints load on the CPU), moved to this pool's device."""
-        names = [f.name for f in fields(TaskSets)]
+        names = [f.name for f in fields(TaskSets)]  # a field missing from an older checkpoint: None
         self.entries = {
-            _key(i): (int(e["step"]), TaskSets(*(None if e[n] is None else e[n].to(self.device) for n in names)))
+            _key(i): (int(e["step"]), TaskSets(*(None if e.get(n) is None else e[n].to(self.device) for n in names)))
             for i, e in saved.items()
         }

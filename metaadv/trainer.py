@@ -34,13 +34,15 @@ from . import distributed
 from .attention import TaskAttention
 from .config import MetaConfig
 from .data import to_tensors
+from .film import FiLM
 from .functional import Params, state
 from .inner import init_inner_lr
 from .meta import meta_batch_loss
 from .meta_dropout import MetaDropout
 from .reuse import AdversarialPool
+from .step_bn import StepBatchNorm
 from .task_bn import TaskBatchNorm
-from .tasks import AttackDistribution
+from .tasks import AttackDistribution, PersistentGenerators
 from .validation import check_labels, check_logits
 
 __all__ = [
@@ -89,6 +91,8 @@ class TrainResult:
     inner_lr: Params | None = None  # meta_train with learn_inner_lr: Meta-SGD's step sizes, name -> like the param
     attention: nn.Module | None = None  # meta_train with task_attention: the trained ``attention.TaskAttention``
     task_bn: TaskBatchNorm | None = None  # meta_train with task_bn: the per-attack-type BatchNorm statistics
+    step_bn: StepBatchNorm | None = None  # meta_train with per_step_bn: statistics sets 1..K (set 0: the model's)
+    generators: PersistentGenerators | None = None  # meta_train with persistent_generator: the trained generators
 
 
 class TrainingInterrupted(Exception):
@@ -573,9 +577,16 @@ def meta_train(
         tasks (``loss`` is then the weighted meta-loss) and ``.attention`` the trained
         ``attention.TaskAttention``; docs/meta_options.md gives the objective. With ``config.task_bn``,
         ``.task_bn`` holds BatchNorm statistics per attack type (``task_bn.TaskBatchNorm``, checkpointed),
-        for ``evaluate(..., adapt_methods=("task_bn",), task_bn=result.task_bn)``. With ``config.meta_dropout``
+        for ``evaluate(..., adapt_methods=("task_bn",), task_bn=result.task_bn)``. With ``config.per_step_bn``,
+        ``.step_bn`` holds the BatchNorm statistics of inner steps 1..K (``step_bn.StepBatchNorm``, checkpointed;
+        the model's own are step 0's), for ``evaluate(..., step_bn=result.step_bn)``. With ``config.meta_dropout``
         the model is wrapped in ``meta_dropout.MetaDropout`` (learned dropout logits, adapted in the inner loop)
-        and ``.model`` is that wrapper, around the trained ``model``.
+        and ``.model`` is that wrapper, around the trained ``model``. With ``config.persistent_generator``
+        every ``generator(...)`` task type keeps one generator, trained against the meta-model each time the
+        type is sampled (``tasks.PersistentGenerators``, checkpointed; ValueError if ``tasks`` has no such
+        type); ``.generators`` holds them. With ``config.task_encoding``, ``.model`` is a ``film.FiLM`` wrapping
+        the model you passed, which is trained in place (inside the ``MetaDropout`` wrapper when both are on);
+        checkpoints hold the wrapper's state.
 
     Raises:
         NonFiniteLossError: ``config.max_bad_steps`` consecutive meta-steps were skipped.
@@ -597,13 +608,15 @@ def meta_train(
     _check_fit_options(checkpoint_dir, checkpoint_every, keep_last, resume, config.max_bad_steps)
     device = distributed.setup(resolve_device(config.device))  # under torchrun: join the group, cuda:LOCAL_RANK
     rank, world = distributed.rank(), distributed.world_size()
-    if world > 1 and (config.reuse_every > 1 or config.task_attention or config.task_bn):
-        raise ValueError("MetaConfig.reuse_every > 1, task_attention and task_bn are not supported under torchrun "
-                         "(they need every rank's pool / tasks / statistics); use one process")  # fmt: skip
+    if world > 1 and (config.reuse_every > 1 or config.task_attention or config.task_bn or config.per_step_bn):
+        raise ValueError("MetaConfig.reuse_every > 1, task_attention, task_bn and per_step_bn are not supported under "
+                         "torchrun (they need every rank's pool / tasks / statistics); use one process")  # fmt: skip
     mine = distributed.shard(config.tasks_per_batch, rank, world)  # this rank's tasks of every meta-batch
     per_task = config.support_size + config.query_size
     rows = slice(mine.start * per_task, mine.stop * per_task)  # their clean examples in the shared batch
     torch.manual_seed(config.seed + rank)  # attack random starts, distinct per rank (a resume restores them later)
+    if config.task_encoding != "none":  # initialized from config.seed; ranks start from rank 0's copy (broadcast)
+        model = FiLM(model, len(tasks), config.encoding_dim, config.task_encoding)
     model = MetaDropout(model, config.meta_dropout) if config.meta_dropout else model  # the outermost wrapper
     model.to(device)
     x, y = training_tensors(model, train_data, device)
@@ -625,11 +638,18 @@ def meta_train(
     schedule = _StepCount() if counted else None
     pool = AdversarialPool(config.reuse_every, device) if config.reuse_every > 1 else None
     task_bn = TaskBatchNorm(model, buffers, [a.name for a in tasks.types]) if config.task_bn else None
+    step_bn = StepBatchNorm(model, buffers, config.inner_steps) if config.per_step_bn else None
+    if config.persistent_generator and (world > 1 or (config.batched and config.query_attack == "adapted")):
+        raise ValueError("MetaConfig.persistent_generator=True is not built under torchrun, nor with batched=True and "
+                         "query_attack='adapted'; use one process and the looped meta-step")  # fmt: skip
+    generators = PersistentGenerators(tasks, x[:0]) if config.persistent_generator else None  # built now: restorable
 
     def step(xb: Tensor, yb: Tensor) -> dict[str, Any]:
         before = {k: b.clone() for k, b in buffers.items()}  # put back if the step is skipped
         task_bn_before = task_bn.state_dict() if task_bn is not None else None
+        step_bn_before = step_bn.state_dict() if step_bn is not None else None
         batch = tasks.sample(config.tasks_per_batch, replace=config.sample_replace, generator=task_rng)
+        batch = generators.bind(batch) if generators is not None else batch
         index = schedule.take() if schedule is not None else None
         switch = bool(config.first_order_until) and index == config.first_order_until and not config.first_order
         if switch and distributed.is_main():
@@ -638,7 +658,8 @@ def meta_train(
         if pool is not None:
             crafted = [pool.fresh(key, index) is None for key in pool.keys([t.type_index for t in batch])]
         out = meta_batch_loss(model, params, buffers, batch[mine], xb[rows], yb[rows], config, step=index,
-                              inner_lr=inner_lr or None, pool=pool, attention=attention, task_bn=task_bn)  # fmt: skip
+                              inner_lr=inner_lr or None, pool=pool, attention=attention, task_bn=task_bn,
+                              step_bn=step_bn)  # fmt: skip
         query = distributed.gather_tasks(torch.stack([out.query_loss, out.query_acc]))  # (2, all tasks)
         # out.loss is the mean over this rank's tasks: / world makes the sum over ranks the mean over all tasks
         n = len(batch)
@@ -654,6 +675,8 @@ def meta_train(
             distributed.average_buffers(buffers, before)  # BatchNorm statistics: the mean over ranks
         elif task_bn is not None:
             task_bn.load_state_dict(task_bn_before)  # a skipped step changes nothing
+        if skipped and step_bn is not None:
+            step_bn.load_state_dict(step_bn_before)
         return {
             "loss": stats[0] if attention is None else stats[-1],
             "task_names": [t.name for t in batch],
@@ -686,6 +709,8 @@ def meta_train(
     extra |= {"adversarial_pool": pool} if pool is not None else {}
     extra |= {"task_attention": attention} if attention is not None else {}
     extra |= {"task_bn": task_bn} if task_bn is not None else {}
+    extra |= {"step_bn": step_bn} if step_bn is not None else {}
+    extra |= {"generators": generators} if generators is not None else {}
     with deterministic_algorithms(config.deterministic):
         result = fit(
             model, x, y, step, batch_size=config.examples_per_step, epochs=config.epochs, steps=config.steps,
@@ -696,4 +721,6 @@ def meta_train(
     result.inner_lr = {k: v.detach() for k, v in inner_lr.items()} if inner_lr else None
     result.attention = attention.eval() if attention is not None else None
     result.task_bn = task_bn
+    result.step_bn = step_bn
+    result.generators = generators
     return result

@@ -9,9 +9,10 @@ AdvGAN's C&W loss); maximizing the cross-entropy instead collapsed G onto a cons
 
 Unlike PGD, the attack is a function of the image that can be kept and reused: :class:`GeneratorAttack`
 holds one generator and its optimizer (with ``state_dict`` for checkpoints) and keeps training it at
-every call, against whatever model it is called with. The registered ``generator(eps=...)`` spec fits a
-fresh generator to the batch it attacks (``steps`` Adam steps against the very model being attacked, so
-evaluation stays white-box and adaptive), then returns its perturbation.
+every call, against whatever model it is called with (``MetaConfig.persistent_generator`` keeps one per
+``generator`` task type for a whole meta-training run, see ``tasks.PersistentGenerators``). The registered
+``generator(eps=...)`` spec fits a fresh generator to the batch it attacks (``steps`` Adam steps against the
+very model being attacked, so evaluation stays white-box and adaptive), then returns its perturbation.
 """
 
 from __future__ import annotations
@@ -60,15 +61,19 @@ class GeneratorAttack:
     margin of ``model_fn`` on this batch, then returns ``x + perturbation`` (see above).
 
     ``eps`` in the [0, 1] pixel scale (a float or a (B,) tensor at call time); ``steps=0`` applies the
-    generator as it is (e.g. to measure how a trained generator transfers). Built lazily for the
-    channel count of the first batch; ``state_dict``/``load_state_dict`` cover the generator and its
-    optimizer.
+    generator as it is (e.g. to measure how a trained generator transfers). Built for the channel count,
+    device and dtype of ``like`` (any (B, C, H, W) batch, B may be 0) if given, else lazily at the first
+    call; ``state_dict``/``load_state_dict`` cover the generator and its optimizer.
     """
 
-    def __init__(self, eps: float, *, steps: int = 10, lr: float = 0.01, width: int = 16) -> None:  # eps: [0, 1] scale
+    def __init__(
+        self, eps: float, *, steps: int = 10, lr: float = 0.01, width: int = 16, like: Tensor | None = None
+    ) -> None:  # eps: [0, 1] scale
         self.eps, self.steps, self.lr, self.width = eps, steps, lr, width
         self.net: PerturbationGenerator | None = None
         self.opt: torch.optim.Optimizer | None = None
+        if like is not None:
+            self._build(like)
 
     def _build(self, x: Tensor) -> tuple[PerturbationGenerator, torch.optim.Optimizer]:
         if self.net is None or self.opt is None:
@@ -100,12 +105,16 @@ class GeneratorAttack:
         return {"net": None if self.net is None else self.net.state_dict(),
                 "opt": None if self.opt is None else self.opt.state_dict()}  # fmt: skip
 
-    def load_state_dict(self, state: dict[str, Any], like: Tensor) -> None:
-        """Restore a generator saved by :meth:`state_dict`; ``like`` is a batch giving channels, device, dtype."""
-        net, opt = self._build(like)
+    def load_state_dict(self, state: dict[str, Any], like: Tensor | None = None) -> None:
+        """Restore a generator saved by :meth:`state_dict`; ``like`` is a batch giving channels, device, dtype
+        (needed only if the generator is not built yet)."""
+        if like is not None:
+            self._build(like)
+        if self.net is None or self.opt is None:
+            raise ValueError("GeneratorAttack.load_state_dict: the generator is not built yet, pass like= (a batch)")
         if state["net"] is not None:
-            net.load_state_dict(state["net"])
-            opt.load_state_dict(state["opt"])
+            self.net.load_state_dict(state["net"])
+            self.opt.load_state_dict(state["opt"])
 
 
 @register("generator", norm="linf")
