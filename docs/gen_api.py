@@ -7,12 +7,36 @@ import re
 from pathlib import Path
 
 import metaadv
-from metaadv import attacks, attention, baselines, checkpoint, data, models, plots, trainer
+from metaadv import (
+    attacks,
+    attention,
+    baselines,
+    checkpoint,
+    data,
+    film,
+    meta_dropout,
+    models,
+    plots,
+    step_bn,
+    tasks,
+    trainer,
+)
 
 SECTIONS = [
     ("Training", [metaadv.meta_train, metaadv.MetaConfig, metaadv.TrainResult, metaadv.adapt]),
     ("Task attention", [attention.TaskAttention]),
-    ("Tasks", [metaadv.AttackDistribution, metaadv.AttackTask]),
+    (
+        "Model conditioning and per-step statistics",
+        [
+            trainer.wrap_model,
+            film.FiLM,
+            film.task_code,
+            film.with_code,
+            meta_dropout.MetaDropout,
+            step_bn.StepBatchNorm,
+        ],
+    ),
+    ("Tasks", [metaadv.AttackDistribution, metaadv.AttackTask, tasks.PersistentGenerators]),
     ("Attacks", [attacks.make, attacks.register, attacks.available, attacks.Attack]),
     ("Evaluation", [metaadv.evaluate, metaadv.RobustnessReport]),
     ("Data and models", [data.load, data.TensorDataset, data.to_tensors, models.SmallCNN, models.build]),

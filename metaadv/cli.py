@@ -23,7 +23,7 @@ from .checkpoint import CheckpointError, UnsafeCheckpointError, environment, lis
 from .config import RunConfig, load_run_config, read_config_file, run_config_from
 from .evaluate import evaluate
 from .tasks import AttackDistribution
-from .trainer import NonFiniteLossError, TrainingInterrupted, meta_train, resolve_device
+from .trainer import NonFiniteLossError, TrainingInterrupted, meta_train, resolve_device, wrap_model
 
 log = logging.getLogger("metaadv")
 
@@ -59,7 +59,7 @@ def load_run(checkpoint: Path) -> tuple[RunConfig, torch.nn.Module]:
     if not cfg_path.is_file() or not weights.is_file():
         raise FileNotFoundError(f"{checkpoint} is not a metaadv run directory (needs config.json and model.pt)")
     cfg = _read_run_config(cfg_path)
-    model = models.build(cfg.model)
+    model = wrap_model(models.build(cfg.model), cfg.meta, len(cfg.tasks.get("specs", ())))  # FiLM, meta-dropout
     try:
         weights_dict = torch.load(weights, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:

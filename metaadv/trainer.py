@@ -533,6 +533,15 @@ def update_if_finite(
     return stats, skipped
 
 
+def wrap_model(model: nn.Module, config: MetaConfig, n_types: int) -> nn.Module:
+    """The module ``meta_train`` trains for ``config``: ``model`` inside ``film.FiLM`` (``task_encoding``, with
+    ``n_types`` attack types) and then ``meta_dropout.MetaDropout`` (``meta_dropout``, the outermost wrapper);
+    ``model`` itself when neither option is on. ``cli.load_run`` rebuilds a saved run's layout with it."""
+    if config.task_encoding != "none":
+        model = FiLM(model, n_types, config.encoding_dim, config.task_encoding)
+    return MetaDropout(model, config.meta_dropout) if config.meta_dropout else model
+
+
 def meta_train(
     model: nn.Module,
     train_data: Dataset | tuple[Tensor, Tensor],
@@ -615,9 +624,7 @@ def meta_train(
     per_task = config.support_size + config.query_size
     rows = slice(mine.start * per_task, mine.stop * per_task)  # their clean examples in the shared batch
     torch.manual_seed(config.seed + rank)  # attack random starts, distinct per rank (a resume restores them later)
-    if config.task_encoding != "none":  # initialized from config.seed; ranks start from rank 0's copy (broadcast)
-        model = FiLM(model, len(tasks), config.encoding_dim, config.task_encoding)
-    model = MetaDropout(model, config.meta_dropout) if config.meta_dropout else model  # the outermost wrapper
+    model = wrap_model(model, config, len(tasks))  # initialized from config.seed; other ranks get rank 0's (broadcast)
     model.to(device)
     x, y = training_tensors(model, train_data, device)
     params, buffers = state(model)
