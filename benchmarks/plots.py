@@ -55,19 +55,31 @@ def short(spec: str) -> str:
     return f"{name.replace('torchattacks:', 'ta:')}\n{eps[0] if eps else ''}"
 
 
+SCORES = {"union": "held-out union accuracy (%)", "mean": "mean accuracy over held-out attacks (%)"}
+
+
+def score(result: dict, kind: str, how: str | None = None) -> float:
+    """One evaluation's held-out score: the union, or the mean over attacks (with many held-out families
+    the union can be ~0 for every method while the mean still ranks them). ``how`` picks an adaptation."""
+    if kind == "union":
+        return result["union_acc"] if how is None else result["adapted_union"][how]
+    per_attack = result["per_attack"] if how is None else result["adapted"][how]
+    return statistics.mean(per_attack.values())
+
+
 def heldout_bars(runs: dict[str, list[dict]], ax: plt.Axes) -> None:
     attacks = next(iter(runs.values()))[0]["heldout"]["attacks"]
-    groups = ["clean", *attacks, "union"]
+    groups = ["clean", *attacks, "mean", "union"]
     width = 0.8 / len(runs)
     for i, (method, rs) in enumerate(runs.items()):
         vals = [[r["heldout"]["clean_acc"] for r in rs]]
         vals += [[r["heldout"]["per_attack"][a] for r in rs] for a in attacks]
-        vals += [[r["heldout"]["union_acc"] for r in rs]]
+        vals += [[score(r["heldout"], kind) for r in rs] for kind in ("mean", "union")]
         stats = [mean_std(v) for v in vals]
         xs = [g + (i - (len(runs) - 1) / 2) * width for g in range(len(groups))]
         ax.bar(xs, [m for m, _ in stats], width, yerr=[s for _, s in stats], color=COLORS.get(method), label=method,
                capsize=1.5)  # fmt: skip
-    ax.set_xticks(range(len(groups)), ["clean", *map(short, attacks), "union"], fontsize=6)
+    ax.set_xticks(range(len(groups)), ["clean", *map(short, attacks), "mean", "union"], fontsize=6)
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
     ax.legend(fontsize=6, ncol=min(len(runs), 5))
@@ -87,31 +99,33 @@ def eps_curves(runs: dict[str, list[dict]], fig: plt.Figure) -> None:
     axes[0].legend(fontsize=6)
 
 
-def cost_benefit(runs: dict[str, list[dict]], ax: plt.Axes) -> None:
-    for method, rs in runs.items():
-        t = [r["train_seconds"] for r in rs]
-        m, s = mean_std([r["heldout"]["union_acc"] for r in rs])
-        ax.errorbar(statistics.mean(t), m, yerr=s, xerr=statistics.stdev(t) if len(t) > 1 else 0, fmt="o",
-                    color=COLORS.get(method), label=method)  # fmt: skip
-    ax.set_xlabel("training wall-clock (s)")
-    ax.set_ylabel("held-out union accuracy (%)")
-    ax.legend(fontsize=6)
+def cost_benefit(runs: dict[str, list[dict]], fig: plt.Figure) -> None:
+    for ax, kind in zip(fig.subplots(1, 2), SCORES, strict=True):
+        for method, rs in runs.items():
+            t = [r["train_seconds"] for r in rs]
+            m, s = mean_std([score(r["heldout"], kind) for r in rs])
+            ax.errorbar(statistics.mean(t), m, yerr=s, xerr=statistics.stdev(t) if len(t) > 1 else 0, fmt="o",
+                        color=COLORS.get(method), label=method)  # fmt: skip
+        ax.set_xlabel("training wall-clock (s)")
+        ax.set_ylabel(SCORES[kind], fontsize=7)
+    fig.axes[0].legend(fontsize=6)
 
 
 def few_shot(runs: dict[str, list[dict]], fig: plt.Figure) -> None:
-    axes = fig.subplots(1, 2, sharey=True)
-    for ax, how in zip(axes, ("sgd", "bn"), strict=True):
-        for method, rs in runs.items():
-            shots = sorted(int(s) for s in rs[0]["adapted"])
-            xs = [0, *shots]
-            stats = [mean_std([r["heldout"]["union_acc"] for r in rs])]
-            stats += [mean_std([r["adapted"][str(s)]["adapted_union"][how] for r in rs]) for s in shots]
-            ax.errorbar(xs, [m for m, _ in stats], [s for _, s in stats], color=COLORS.get(method), label=method,
-                        marker="o", ms=3)  # fmt: skip
-        ax.set_title({"sgd": "fine-tuning (SGD)", "bn": "test-time BN statistics"}[how], fontsize=8)
+    axes = fig.subplots(2, 2, sharey="row")
+    for row, kind in zip(axes, SCORES, strict=True):
+        for ax, how in zip(row, ("sgd", "bn"), strict=True):
+            for method, rs in runs.items():
+                shots = sorted(int(s) for s in rs[0]["adapted"])
+                stats = [mean_std([score(r["heldout"], kind) for r in rs])]
+                stats += [mean_std([score(r["adapted"][str(s)], kind, how) for r in rs]) for s in shots]
+                ax.errorbar([0, *shots], [m for m, _ in stats], [s for _, s in stats], color=COLORS.get(method),
+                            label=method, marker="o", ms=3)  # fmt: skip
+            ax.set_title({"sgd": "fine-tuning (SGD)", "bn": "test-time BN statistics"}[how], fontsize=8)
+        row[0].set_ylabel(SCORES[kind], fontsize=7)
+    for ax in axes[1]:
         ax.set_xlabel("adaptation shots (0 = zero-shot)")
-    axes[0].set_ylabel("held-out union accuracy (%)")
-    axes[0].legend(fontsize=6)
+    axes[0][0].legend(fontsize=6)
 
 
 def heatmap(ax: plt.Axes, values: list[list[float | None]], rows: list[str], columns: list[str], *,
@@ -183,10 +197,10 @@ def plot_folder(folder: Path, out: Path) -> list[Path]:
         fig = plt.figure(figsize=WIDTH)
         eps_curves(runs, fig)
         save(fig, "eps", "robust accuracy vs eps (white-box PGD-20)")
-    fig, ax = plt.subplots(figsize=WIDTH)
-    cost_benefit(runs, ax)
-    save(fig, "cost", "held-out union accuracy vs training time")
     fig = plt.figure(figsize=WIDTH)
+    cost_benefit(runs, fig)
+    save(fig, "cost", "held-out accuracy vs training time")
+    fig = plt.figure(figsize=(WIDTH[0], 1.6 * WIDTH[1]))
     few_shot(runs, fig)
     save(fig, "fewshot", "few-shot adaptation to held-out attacks (attack re-run on the adapted model)")
     for method in ("meta_so", "meta_fo"):

@@ -3,6 +3,7 @@ JSON -> summary table -> figures; the same for the transfer matrix. The real run
 docs/benchmarks.md)."""
 
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ import metaadv as ma
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import heldout  # noqa: E402
+import method_cost  # noqa: E402
 import plots  # noqa: E402
 import transfer  # noqa: E402
 
@@ -47,6 +49,32 @@ def test_heldout_pipeline_writes_results_summary_and_figures(tmp_path):
     kinds = {p.stem.removeprefix(tmp_path.name + "_") for p in written}
     assert {"heldout", "eps", "cost", "fewshot", "meta_so_training"} <= kinds
     assert all(p.stat().st_size > 5000 for p in written)
+
+
+def test_the_summary_reports_the_mean_over_held_out_attacks_next_to_the_union():
+    def record(seed, a, b, union):
+        acc = {"a": a, "b": b}
+        return {
+            "method": "m", "seed": seed, "train_seconds": 10.0, "sanity": {"warnings": []},
+            "heldout": {"attacks": ["a", "b"], "per_attack": acc, "clean_acc": 0.9, "union_acc": union},
+            "train_attacks": {"union_acc": 0.3},
+            "adapted": {"8": {"adapted": {"bn": acc}, "adapted_union": {"bn": union}}},
+        }  # fmt: skip
+
+    table = heldout.summarize([record(0, 0.2, 0.6, 0.1), record(1, 0.4, 0.8, 0.1)])
+    header, _, row = table.splitlines()[:3]
+    cells = dict(zip(header.split(" | "), row.split(" | "), strict=True))
+    assert cells["**held-out union**"] == "**10.0 ± 0.0**"
+    assert cells["held-out mean"] == "50.0 ± 14.1"  # (0.4, 0.6) over seeds
+    assert cells["union bn@8"] == "10.0 ± 0.0" and cells["mean bn@8"] == "50.0 ± 14.1"
+
+
+def test_method_cost_times_a_step_of_each_method_and_counts_the_protocols_steps():
+    protocol = {**heldout.load_protocol(heldout.DEFAULT_PROTOCOL, quick=True), **TINY}
+    seconds = method_cost.time_methods(protocol, ["erm", "pgd_at", "meta_so"], steps=1, repeats=1, device="cpu")
+    assert set(seconds) == {"erm", "pgd_at", "meta_so"} and all(math.isfinite(s) for s in seconds.values())
+    assert method_cost.steps_per_epoch("pgd_at", protocol, 256) == 256 // protocol["batch_size"]
+    assert method_cost.steps_per_epoch("meta_so", protocol, 256) == 256 // (2 * (16 + 16))  # tasks x (S + Q)
 
 
 def test_every_shipped_protocol_loads_and_names_valid_attacks():
