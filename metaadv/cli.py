@@ -22,8 +22,10 @@ from . import __version__, data, distributed, models
 from .checkpoint import CheckpointError, UnsafeCheckpointError, environment, list_checkpoints, write_atomic
 from .config import RunConfig, load_run_config, read_config_file, run_config_from
 from .evaluate import evaluate
+from .step_bn import StepBatchNorm
+from .task_bn import TaskBatchNorm
 from .tasks import AttackDistribution
-from .trainer import NonFiniteLossError, TrainingInterrupted, meta_train, resolve_device, wrap_model
+from .trainer import NonFiniteLossError, TrainingInterrupted, TrainResult, meta_train, resolve_device, wrap_model
 
 log = logging.getLogger("metaadv")
 
@@ -46,34 +48,67 @@ def write_history(out: Path, history: list[dict]) -> None:
     _write_atomic(out / "history.jsonl", lambda f: f.write(lines.encode()))
 
 
-def save_run(out: Path, cfg: RunConfig, model: torch.nn.Module, history: list[dict], seconds: float) -> None:
-    """Write ``config.json`` (resolved, with versions, git commit, hardware), ``model.pt`` and ``history.jsonl``."""
-    write_config(out, cfg, status="done", train_seconds=seconds)
-    _write_atomic(out / "model.pt", lambda f: torch.save(model.state_dict(), f))
-    write_history(out, history)
+def save_run(out: Path, cfg: RunConfig, result: TrainResult) -> None:
+    """Write ``config.json`` (resolved, with versions, git commit, hardware), ``model.pt``, ``history.jsonl``
+    and, for a run that learned adaptation state (Meta-SGD step sizes, per-type or per-step BatchNorm
+    statistics), ``meta_state.pt``."""
+    write_config(out, cfg, status="done", train_seconds=result.seconds)
+    _write_atomic(out / "model.pt", lambda f: torch.save(result.model.state_dict(), f))
+    state = {"inner_lr": {k: v.detach().clone() for k, v in result.inner_lr.items()}} if result.inner_lr else {}
+    state |= {"task_bn": result.task_bn.state_dict()} if result.task_bn is not None else {}
+    state |= {"step_bn": result.step_bn.state_dict()} if result.step_bn is not None else {}
+    if state:
+        _write_atomic(out / "meta_state.pt", lambda f: torch.save(state, f))
+    else:  # an earlier run's in the same directory would be loaded with this run's model
+        (out / "meta_state.pt").unlink(missing_ok=True)
+    write_history(out, result.history)
 
 
-def load_run(checkpoint: Path) -> tuple[RunConfig, torch.nn.Module]:
-    """Rebuild the trained model of a ``metaadv train`` output directory (weights loaded safely)."""
+def _load_tensors(path: Path, what: str) -> Any:
+    """``torch.load(path, weights_only=True)``, with the errors ``load_run`` promises."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UnsafeCheckpointError(
+            f"refused to load {path}: it contains pickled Python objects beyond tensors, which could run "
+            "code when loaded (torch.load weights_only=True rejected it). Only load files you trust."
+        ) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{path} is not a readable {what} file: {e}") from None
+
+
+def load_run(checkpoint: Path) -> tuple[RunConfig, torch.nn.Module, dict[str, Any]]:
+    """Rebuild a ``metaadv train`` output directory: its config, its trained model (eval mode; weights loaded
+    safely) and the ``evaluate`` options that adapt it with its own inner loop: ``adapt_params`` and
+    ``adapt_proximal`` from the config, ``adapt_lr`` (the learned Meta-SGD step sizes, else the config's
+    ``inner_lr``), and ``task_bn`` / ``step_bn`` when the run kept them (from ``meta_state.pt``)."""
     cfg_path, weights = checkpoint / "config.json", checkpoint / "model.pt"
     if not cfg_path.is_file() or not weights.is_file():
         raise FileNotFoundError(f"{checkpoint} is not a metaadv run directory (needs config.json and model.pt)")
     cfg = _read_run_config(cfg_path)
-    model = wrap_model(models.build(cfg.model), cfg.meta, len(cfg.tasks.get("specs", ())))  # FiLM, meta-dropout
+    specs = cfg.tasks.get("specs", ())
+    model = wrap_model(models.build(cfg.model), cfg.meta, len(specs))  # FiLM, meta-dropout
     try:
-        weights_dict = torch.load(weights, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise UnsafeCheckpointError(
-            f"refused to load {weights}: it contains pickled Python objects beyond tensors, which could run "
-            "code when loaded (torch.load weights_only=True rejected it). Only load files you trust."
-        ) from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"{weights} is not a readable model file: {e}") from None
-    try:
-        model.load_state_dict(weights_dict)
+        model.load_state_dict(_load_tensors(weights, "model"))
     except (RuntimeError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{weights} does not fit the model {cfg.model}: {e}") from None
-    return cfg, model.eval()
+    meta = cfg.meta
+    options: dict[str, Any] = {"adapt_lr": meta.inner_lr, "adapt_params": meta.inner_params,
+                               "adapt_proximal": meta.proximal}  # fmt: skip
+    saved = _load_tensors(path, "meta state") if (path := checkpoint / "meta_state.pt").is_file() else {}
+    buffers = dict(model.named_buffers())
+    try:
+        if "inner_lr" in saved:
+            options["adapt_lr"] = saved["inner_lr"]
+        if "task_bn" in saved:
+            options["task_bn"] = TaskBatchNorm(model, buffers, saved["task_bn"]["names"])
+            options["task_bn"].load_state_dict(saved["task_bn"])
+        if "step_bn" in saved:
+            options["step_bn"] = StepBatchNorm(model, buffers, len(saved["step_bn"]["stats"]))
+            options["step_bn"].load_state_dict(saved["step_bn"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path} does not fit the model {cfg.model}: {e!r}") from None
+    return cfg, model.eval(), options
 
 
 def _read_run_config(path: Path, overrides: dict[str, Any] | None = None) -> RunConfig:
@@ -131,16 +166,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 1
     if not main:
         return 0
-    save_run(out, cfg, result.model, result.history, result.seconds)
+    save_run(out, cfg, result)
     last = result.history[-1]
     print(f"done: {len(result.history)} meta-steps in {result.seconds:.1f}s, last meta-loss {last['loss']:.3f}")
-    print(f"wrote {out}/model.pt, config.json, history.jsonl")
+    print(
+        f"wrote {out}/model.pt, config.json, history.jsonl"
+        + (", meta_state.pt" if (out / "meta_state.pt").is_file() else "")
+    )
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    cfg, model = load_run(Path(args.checkpoint))
-    settings = dict(cfg.eval)
+    cfg, model, options = load_run(Path(args.checkpoint))
+    settings = {**options, **cfg.eval}  # the run's own inner loop, unless its eval section says otherwise
     if args.attacks:
         settings["attacks"] = args.attacks
     for key in ("n_examples", "adapt_shots", "seed"):

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 import metaadv as ma
 from metaadv import checkpoint as ckpt
+from metaadv import models
 from metaadv.cli import load_run, main
 from metaadv.models import SmallCNN
 from metaadv.trainer import TrainingInterrupted, fit
@@ -134,13 +135,15 @@ def test_a_checkpoint_holding_a_code_running_pickle_is_refused(tmp_path):
     assert not marker.exists()
 
 
-def test_a_run_directory_whose_model_file_runs_code_is_refused_by_eval(tmp_path, capsys):
+@pytest.mark.parametrize("evil_file", ["model.pt", "meta_state.pt"])
+def test_a_run_directory_whose_files_run_code_is_refused_by_eval(tmp_path, capsys, evil_file):
     marker = tmp_path / "pwned"
     run = tmp_path / "run"
     run.mkdir()
     cfg = {"tasks": {"specs": ["fgsm(eps=0.3)"]}, "model": {"name": "SmallCNN", "hidden": 8}}
     (run / "config.json").write_text(json.dumps(cfg))
-    torch.save({"weight": Evil(marker)}, run / "model.pt")
+    torch.save(models.build(cfg["model"]).state_dict(), run / "model.pt")
+    torch.save({"weight": Evil(marker)}, run / evil_file)
     with pytest.raises(ckpt.UnsafeCheckpointError, match="could run"):
         load_run(run)
     assert main(["eval", "--checkpoint", str(run), "--attacks", "fgsm(eps=0.1)", "--quiet"]) == 2

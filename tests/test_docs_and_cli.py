@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from metaadv.cli import main
+from metaadv.cli import load_run, main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,6 +55,31 @@ def test_cli_trains_then_evaluates_a_run_directory(tmp_path, capsys):
     assert "fgsm(eps=0.1)" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     assert report["n_examples"] == 20
+
+
+def test_cli_run_directory_keeps_the_adaptation_state_and_eval_adapts_with_it(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "tasks: {specs: ['fgsm(eps=0.3)', 'noise(eps=0.3)']}\n"
+        "model: {name: SmallCNN, hidden: 16}\n"
+        "meta: {tasks_per_batch: 2, support_size: 8, query_size: 8, inner_steps: 2, learn_inner_lr: true,\n"
+        "       task_bn: true, per_step_bn: true}\n"
+        "eval: {attacks: ['fgsm(eps=0.1)'], n_examples: 16, adapt_shots: 8, adapt_steps: 1,\n"
+        "       adapt_methods: [sgd, task_bn]}\n"
+    )
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--out", str(out), "--steps", "2", "--quiet"]) == 0
+    _, model, options = load_run(out)
+    assert all(not torch.allclose(lr, torch.full_like(lr, 0.01)) for lr in options["adapt_lr"].values())  # learned
+    assert options["task_bn"].names == ["fgsm", "noise"]
+    mean = next(k for k in options["task_bn"].stats[0] if k.endswith("running_mean"))
+    assert not torch.equal(options["task_bn"].stats[0][mean], options["task_bn"].stats[1][mean])
+    assert not torch.equal(options["task_bn"].stats[0][mean], dict(model.named_buffers())[mean])
+    assert options["step_bn"].steps == 2
+    assert main(["eval", "--checkpoint", str(out), "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["meta"]["task_bn_types"]["fgsm(eps=0.1)"] in options["task_bn"].names
+    assert set(report["adapted"]) == {"sgd", "task_bn"}
 
 
 def test_cli_runs_with_the_same_config_give_the_same_weights(tmp_path):
