@@ -12,6 +12,7 @@ writes checkpoints on rank 0 only, and every rank resumes from the checkpoint ra
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -655,6 +656,7 @@ def meta_train(
         before = {k: b.clone() for k, b in buffers.items()}  # put back if the step is skipped
         task_bn_before = task_bn.state_dict() if task_bn is not None else None
         step_bn_before = step_bn.state_dict() if step_bn is not None else None
+        generators_before = copy.deepcopy(generators.state_dict()) if generators is not None else None
         batch = tasks.sample(config.tasks_per_batch, replace=config.sample_replace, generator=task_rng)
         batch = generators.bind(batch) if generators is not None else batch
         index = schedule.take() if schedule is not None else None
@@ -684,6 +686,8 @@ def meta_train(
             task_bn.load_state_dict(task_bn_before)  # a skipped step changes nothing
         if skipped and step_bn is not None:
             step_bn.load_state_dict(step_bn_before)
+        if skipped and generators is not None:  # trained against a non-finite model: their update is undone too
+            generators.load_state_dict(generators_before)
         return {
             "loss": stats[0] if attention is None else stats[-1],
             "task_names": [t.name for t in batch],

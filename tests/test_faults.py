@@ -43,7 +43,7 @@ def data(n: int = 64):
     return torch.rand(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g)
 
 
-def poisoned_run(monkeypatch, steps: int, bad: set[int], **config):
+def poisoned_run(monkeypatch, steps: int, bad: set[int], specs: list[str] = SPECS, **config):
     """meta_train a fresh seeded Poisonable for ``steps`` meta-steps; the steps in ``bad`` (1-based) see NaN."""
     real, calls = REAL_META_BATCH_LOSS, []
 
@@ -60,7 +60,7 @@ def poisoned_run(monkeypatch, steps: int, bad: set[int], **config):
     model = Poisonable()
     values = {"tasks_per_batch": 1, "support_size": 8, "query_size": 8, "sample_replace": True, "steps": steps}
     cfg = ma.MetaConfig(**{**values, **config})
-    result = ma.meta_train(model, data(), ma.AttackDistribution(SPECS, seed=0), cfg, progress=False)
+    result = ma.meta_train(model, data(), ma.AttackDistribution(specs, seed=0), cfg, progress=False)
     return model, result
 
 
@@ -84,6 +84,17 @@ def test_nan_steps_are_skipped_counted_and_logged_without_touching_the_model(mon
     messages = [r.getMessage() for r in caplog.records]
     assert any("step 2: non-finite" in m and "update skipped" in m and "2 in total" not in m for m in messages)
     assert any("step 3: non-finite" in m and "2 in a row, 2 in total" in m for m in messages)
+
+
+def test_a_skipped_step_undoes_the_persistent_generators_training_too(monkeypatch):
+    specs, options = ["generator(eps=0.3, steps=2)"], {"persistent_generator": True}
+    _, clean = poisoned_run(monkeypatch, steps=1, bad=set(), specs=specs, **options)
+    _, result = poisoned_run(monkeypatch, steps=2, bad={2}, specs=specs, **options)
+    assert [r["skipped"] for r in result.history] == [False, True]
+    after, expected = (r.generators.state_dict()["0"]["net"] for r in (result, clean))
+    assert all(bool(torch.isfinite(t).all()) for t in after.values())  # the NaN step trained it on NaN
+    for name, tensor in expected.items():
+        assert torch.equal(after[name], tensor), name
 
 
 def test_a_nan_gradient_with_a_finite_loss_is_skipped_too(monkeypatch):
