@@ -3,6 +3,7 @@
     python benchmarks/transfer.py --quick --families linf l2 spatial     # smoke: 2 steps per model, 32 digits
     python benchmarks/transfer.py --seeds 0 1 2 --device cuda             # the full matrix (too slow for 2 CPUs)
     python benchmarks/transfer.py --rows at_linf ramp meta_so             # a subset of the rows
+    python benchmarks/transfer.py --seeds 0 --examples 200                # CPU-sized: one seed, 200 test digits
 
 Rows: one model per single family (``at_<family>``: ``pgd_at`` on that family's training attack), then one
 per multi-attack method of the protocol (``avg``, ``max``, ``msd``, ``sat``, ``ramp``, ``meta_so``), trained
@@ -114,6 +115,10 @@ def build_matrix(records: list[dict[str, Any]], rows: list[str], families: list[
     missing = [r for r, recs in by_row.items() if not recs]
     if missing:
         raise ValueError(f"no results for rows {missing}")
+    sizes = {rec["config"]["n_examples"] for rec in records}
+    if len(sizes) > 1:
+        raise ValueError(f"the runs were evaluated on different numbers of test digits {sorted(sizes)}: one matrix "
+                         "needs one --examples (rerun with --overwrite, or write to another --out)")  # fmt: skip
 
     def values(r: str, col: str) -> list[float]:
         return [rec["union_acc"] if col == "union" else rec["acc"][col] for rec in by_row[r]]
@@ -193,6 +198,7 @@ def main() -> None:
     p.add_argument("--families", nargs="+", help="subset of the protocol's families (columns and at_ rows)")
     p.add_argument("--rows", nargs="+", help="subset of the rows (at_<family>, or a method of the protocol)")
     p.add_argument("--data", help="override the protocol's dataset (e.g. mnist, with torchvision)")
+    p.add_argument("--examples", type=int, help="override the protocol's n_examples (test digits per column)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", type=Path, help="default: benchmarks/results/<protocol>[_quick]")
     p.add_argument("--overwrite", action="store_true", help="rerun runs whose JSON already exists")
@@ -200,6 +206,10 @@ def main() -> None:
     protocol = load_protocol(args.protocol, args.quick, args.families)
     if args.data:
         protocol["data"] = args.data
+    if args.examples is not None:
+        if args.examples < 1:
+            p.error(f"--examples must be >= 1, got {args.examples}")
+        protocol["n_examples"] = args.examples
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
     out = args.out or ROOT / "benchmarks" / "results" / (protocol["name"] + ("_quick" if args.quick else ""))
     matrix = run_all(protocol, seeds, args.rows, args.device, out, args.overwrite)

@@ -145,6 +145,11 @@ def test_transfer_matrix_pipeline_writes_the_full_matrix_and_heatmaps(tmp_path, 
     assert transfer.run_all(protocol, [0], None, "cpu", out) == matrix  # resumes from the JSON alone
     written = plots.plot_folder(out, tmp_path / "figures")
     assert [p.name for p in written] == ["out_transfer.png", "out_transfer_normalized.png"]
+    ramp = json.loads((out / "ramp_seed0.json").read_text())
+    ramp["config"]["n_examples"] = 12  # a run evaluated on other test digits cannot join the matrix
+    (out / "ramp_seed0.json").write_text(json.dumps(ramp))
+    with pytest.raises(ValueError, match="different numbers of test digits"):
+        transfer.run_all(protocol, [0], None, "cpu", out)
 
 
 def test_shipped_transfer_protocol_names_valid_attacks():
