@@ -247,8 +247,8 @@ def test_a_saved_run_with_film_and_meta_dropout_loads_back_for_the_cli(tmp_path)
     meta = ma.MetaConfig(tasks_per_batch=1, support_size=4, query_size=4, steps=1, inner_lr=0.05,
                          task_encoding="support", encoding_dim=DIM, meta_dropout=0.2)  # fmt: skip
     cfg = ma.RunConfig(model={"name": "SmallCNN", "hidden": 16}, tasks={"specs": SPECS}, meta=meta)
-    save_run(tmp_path, cfg, result.model, result.history, 1.0)
-    _, loaded = load_run(tmp_path)  # the wrappers are rebuilt from the config before the weights load
+    save_run(tmp_path, cfg, result)
+    _, loaded, _ = load_run(tmp_path)  # the wrappers are rebuilt from the config before the weights load
     assert isinstance(loaded, MetaDropout) and isinstance(loaded.model, FiLM)
     x, _ = images()
     x = torch.nn.functional.interpolate(x, size=28)
