@@ -256,6 +256,14 @@ def run_parallel(args: argparse.Namespace, runs: list[tuple[int, str]], out: Pat
         raise SystemExit(f"{len(failed)} runs failed: {failed}")
 
 
+def positive_int(text: str) -> int:
+    """An argparse ``type`` for counts that must be >= 1 (the benchmark scripts' --examples, --jobs, ...)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--protocol", type=Path, default=DEFAULT_PROTOCOL, help="a YAML protocol (benchmarks/protocols)")
@@ -264,23 +272,19 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", help="subset of the protocol's methods")
     p.add_argument("--data", help="override the protocol's dataset (e.g. mnist, with torchvision)")
     p.add_argument("--shots", type=int, nargs="*", help="override the protocol's few-shot sizes (none: zero-shot only)")
-    p.add_argument("--examples", type=int, help="override the protocol's n_examples and sanity_examples (test digits)")
+    p.add_argument("--examples", type=positive_int, help="override n_examples and sanity_examples (test digits)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", type=Path, help="default: benchmarks/results/<protocol>[_quick]")
-    p.add_argument("--jobs", type=int, default=1, help="(seed, method) runs in parallel processes")
+    p.add_argument("--jobs", type=positive_int, default=1, help="(seed, method) runs in parallel processes")
     p.add_argument("--overwrite", action="store_true", help="rerun runs whose JSON already exists")
     p.add_argument("--no-summary", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.jobs < 1:
-        p.error(f"--jobs must be >= 1, got {args.jobs}")
     protocol = load_protocol(args.protocol, args.quick)
     if args.data:
         protocol["data"] = args.data
     if args.shots is not None:
         protocol["shots"] = args.shots
     if args.examples is not None:
-        if args.examples < 1:
-            p.error(f"--examples must be >= 1, got {args.examples}")
         protocol["n_examples"] = protocol["sanity_examples"] = args.examples
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
     methods = args.methods or protocol["methods"]

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from heldout import DEFAULT_PROTOCOL, load_data, load_protocol, train
+from heldout import DEFAULT_PROTOCOL, load_data, load_protocol, positive_int, train
 
 import metaadv as ma
 from metaadv.trainer import resolve_device
@@ -62,13 +62,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--protocol", type=Path, default=DEFAULT_PROTOCOL)
     p.add_argument("--methods", nargs="+", help="subset of the protocol's methods (default: all)")
-    p.add_argument("--steps", type=int, default=10, help="optimizer steps per timed run")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--steps", type=positive_int, default=10, help="optimizer steps per timed run")
+    p.add_argument("--repeats", type=positive_int, default=3)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args()
-    if args.steps < 1 or args.repeats < 1:
-        p.error("--steps and --repeats must be >= 1")
     protocol = load_protocol(args.protocol, quick=False)
     methods = args.methods or protocol["methods"]
     unknown = sorted(set(methods) - set(protocol["methods"]) - set(protocol.get("meta_variants", {})))

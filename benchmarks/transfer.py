@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from heldout import git_commit, hardware, load_data, train, versions
+from heldout import git_commit, hardware, load_data, positive_int, train, versions
 from plots import plot_transfer
 
 import metaadv as ma
@@ -198,7 +198,7 @@ def main() -> None:
     p.add_argument("--families", nargs="+", help="subset of the protocol's families (columns and at_ rows)")
     p.add_argument("--rows", nargs="+", help="subset of the rows (at_<family>, or a method of the protocol)")
     p.add_argument("--data", help="override the protocol's dataset (e.g. mnist, with torchvision)")
-    p.add_argument("--examples", type=int, help="override the protocol's n_examples (test digits per column)")
+    p.add_argument("--examples", type=positive_int, help="override the protocol's n_examples (test digits per column)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", type=Path, help="default: benchmarks/results/<protocol>[_quick]")
     p.add_argument("--overwrite", action="store_true", help="rerun runs whose JSON already exists")
@@ -207,8 +207,6 @@ def main() -> None:
     if args.data:
         protocol["data"] = args.data
     if args.examples is not None:
-        if args.examples < 1:
-            p.error(f"--examples must be >= 1, got {args.examples}")
         protocol["n_examples"] = args.examples
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
     out = args.out or ROOT / "benchmarks" / "results" / (protocol["name"] + ("_quick" if args.quick else ""))
