@@ -48,10 +48,10 @@ def write_history(out: Path, history: list[dict]) -> None:
     _write_atomic(out / "history.jsonl", lambda f: f.write(lines.encode()))
 
 
-def save_run(out: Path, cfg: RunConfig, result: TrainResult) -> None:
+def save_run(out: Path, cfg: RunConfig, result: TrainResult) -> list[str]:
     """Write ``config.json`` (resolved, with versions, git commit, hardware), ``model.pt``, ``history.jsonl``
     and, for a run that learned adaptation state (Meta-SGD step sizes, per-type or per-step BatchNorm
-    statistics), ``meta_state.pt``."""
+    statistics), ``meta_state.pt``; returns the names of the files written."""
     write_config(out, cfg, status="done", train_seconds=result.seconds)
     _write_atomic(out / "model.pt", lambda f: torch.save(result.model.state_dict(), f))
     state = {"inner_lr": {k: v.detach().clone() for k, v in result.inner_lr.items()}} if result.inner_lr else {}
@@ -62,6 +62,7 @@ def save_run(out: Path, cfg: RunConfig, result: TrainResult) -> None:
     else:  # an earlier run's in the same directory would be loaded with this run's model
         (out / "meta_state.pt").unlink(missing_ok=True)
     write_history(out, result.history)
+    return ["model.pt", "config.json", "history.jsonl", *(["meta_state.pt"] if state else [])]
 
 
 def _load_tensors(path: Path, what: str) -> Any:
@@ -86,15 +87,13 @@ def load_run(checkpoint: Path) -> tuple[RunConfig, torch.nn.Module, dict[str, An
     if not cfg_path.is_file() or not weights.is_file():
         raise FileNotFoundError(f"{checkpoint} is not a metaadv run directory (needs config.json and model.pt)")
     cfg = _read_run_config(cfg_path)
-    specs = cfg.tasks.get("specs", ())
-    model = wrap_model(models.build(cfg.model), cfg.meta, len(specs))  # FiLM, meta-dropout
+    model = wrap_model(models.build(cfg.model), cfg.meta, len(cfg.tasks.get("specs", ())))  # FiLM, meta-dropout
     try:
         model.load_state_dict(_load_tensors(weights, "model"))
     except (RuntimeError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{weights} does not fit the model {cfg.model}: {e}") from None
-    meta = cfg.meta
-    options: dict[str, Any] = {"adapt_lr": meta.inner_lr, "adapt_params": meta.inner_params,
-                               "adapt_proximal": meta.proximal}  # fmt: skip
+    options: dict[str, Any] = {"adapt_lr": cfg.meta.inner_lr, "adapt_params": cfg.meta.inner_params,
+                               "adapt_proximal": cfg.meta.proximal}  # fmt: skip
     saved = _load_tensors(path, "meta state") if (path := checkpoint / "meta_state.pt").is_file() else {}
     buffers = dict(model.named_buffers())
     try:
@@ -166,13 +165,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 1
     if not main:
         return 0
-    save_run(out, cfg, result)
+    written = save_run(out, cfg, result)
     last = result.history[-1]
     print(f"done: {len(result.history)} meta-steps in {result.seconds:.1f}s, last meta-loss {last['loss']:.3f}")
-    print(
-        f"wrote {out}/model.pt, config.json, history.jsonl"
-        + (", meta_state.pt" if (out / "meta_state.pt").is_file() else "")
-    )
+    print(f"wrote {out}/{', '.join(written)}")
     return 0
 
 
