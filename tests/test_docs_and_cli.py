@@ -39,16 +39,22 @@ def test_api_reference_is_generated_from_the_current_docstrings():
     assert (ROOT / "docs" / "api.md").read_text() == gen_api.render(), "run: python docs/gen_api.py"
 
 
+def cli_train(tmp_path: Path, config: str, name: str = "run") -> Path:
+    """``metaadv train`` for 2 meta-steps with ``config`` (YAML text) written to tmp_path/run.yaml; the run dir."""
+    path, out = tmp_path / "run.yaml", tmp_path / name
+    path.write_text(config)
+    assert main(["train", "--config", str(path), "--out", str(out), "--steps", "2", "--quiet"]) == 0
+    return out
+
+
 def test_cli_trains_then_evaluates_a_run_directory(tmp_path, capsys):
-    config = tmp_path / "run.yaml"
-    config.write_text(
+    out = cli_train(
+        tmp_path,
         "tasks: {specs: ['fgsm(eps=0.3)']}\n"
         "model: {name: SmallCNN, hidden: 32}\n"
         "meta: {tasks_per_batch: 1, support_size: 8, query_size: 8}\n"
-        "eval: {attacks: ['fgsm(eps=0.1)'], n_examples: 20}\n"
+        "eval: {attacks: ['fgsm(eps=0.1)'], n_examples: 20}\n",
     )
-    out = tmp_path / "run"
-    assert main(["train", "--config", str(config), "--out", str(out), "--steps", "2", "--quiet"]) == 0
     assert {p.name for p in out.iterdir()} >= {"model.pt", "config.json", "history.jsonl"}
     assert len((out / "history.jsonl").read_text().splitlines()) == 2
     assert main(["eval", "--checkpoint", str(out), "--quiet"]) == 0
@@ -57,18 +63,16 @@ def test_cli_trains_then_evaluates_a_run_directory(tmp_path, capsys):
     assert report["n_examples"] == 20
 
 
-def test_cli_run_directory_keeps_the_adaptation_state_and_eval_adapts_with_it(tmp_path, capsys):
-    config = tmp_path / "run.yaml"
-    config.write_text(
+def test_cli_run_directory_keeps_the_adaptation_state_and_eval_adapts_with_it(tmp_path):
+    out = cli_train(
+        tmp_path,
         "tasks: {specs: ['fgsm(eps=0.3)', 'noise(eps=0.3)']}\n"
         "model: {name: SmallCNN, hidden: 16}\n"
         "meta: {tasks_per_batch: 2, support_size: 8, query_size: 8, inner_steps: 2, learn_inner_lr: true,\n"
         "       task_bn: true, per_step_bn: true}\n"
         "eval: {attacks: ['fgsm(eps=0.1)'], n_examples: 16, adapt_shots: 8, adapt_steps: 1,\n"
-        "       adapt_methods: [sgd, task_bn]}\n"
+        "       adapt_methods: [sgd, task_bn]}\n",
     )
-    out = tmp_path / "run"
-    assert main(["train", "--config", str(config), "--out", str(out), "--steps", "2", "--quiet"]) == 0
     _, model, options = load_run(out)
     assert all(not torch.allclose(lr, torch.full_like(lr, 0.01)) for lr in options["adapt_lr"].values())  # learned
     assert options["task_bn"].names == ["fgsm", "noise"]
@@ -83,13 +87,12 @@ def test_cli_run_directory_keeps_the_adaptation_state_and_eval_adapts_with_it(tm
 
 
 def test_cli_runs_with_the_same_config_give_the_same_weights(tmp_path):
-    config = tmp_path / "run.yaml"
-    config.write_text(
+    config = (
         "tasks: {specs: ['fgsm(eps=0.3)']}\nmodel: {name: SmallCNN, hidden: 16}\n"
         "meta: {tasks_per_batch: 1, support_size: 8, query_size: 8, seed: 3}\n"
     )
     for name in ("a", "b"):
-        assert main(["train", "--config", str(config), "--out", str(tmp_path / name), "--steps", "2", "--quiet"]) == 0
+        cli_train(tmp_path, config, name)
     a, b = (torch.load(tmp_path / n / "model.pt", weights_only=True) for n in ("a", "b"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
