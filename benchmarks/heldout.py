@@ -70,6 +70,9 @@ def load_protocol(path: Path, quick: bool) -> dict[str, Any]:
     protocol.setdefault("eval_batch_size", 256)
     for spec in specs:  # fail before any training on a typo
         ma.attacks.make(spec)
+    for name, options in protocol.get("baseline_variants", {}).items():
+        if options.get("method") not in BASELINE_ATTACKS:
+            raise ValueError(f"{path.name}: baseline variant {name!r} needs method: one of {list(BASELINE_ATTACKS)}")
     return protocol
 
 
@@ -115,11 +118,14 @@ def train(method: str, protocol: dict, train_data, seed: int, device: str, steps
                                device=device)  # fmt: skip
         tasks = ma.AttackDistribution(specs, seed=seed)
         return ma.meta_train(model, train_data, tasks, config, progress=False)
-    if method not in BASELINE_ATTACKS:
-        raise ValueError(f"unknown method {method!r}; available: {[*BASELINE_ATTACKS, *variants]}")
-    return adversarial_train(model, train_data, BASELINE_ATTACKS[method](protocol), method=method,
+    options = dict(protocol.get("baseline_variants", {}).get(method, {"method": method}))  # e.g. RAMP's lambda
+    base = options.pop("method")
+    if base not in BASELINE_ATTACKS:
+        raise ValueError(f"unknown method {method!r}; available: "
+                         f"{[*BASELINE_ATTACKS, *variants, *protocol.get('baseline_variants', {})]}")  # fmt: skip
+    return adversarial_train(model, train_data, BASELINE_ATTACKS[base](protocol), method=base,
                              epochs=protocol["epochs"], steps=steps, batch_size=protocol["batch_size"], seed=seed,
-                             device=device, progress=False)  # fmt: skip
+                             device=device, progress=False, **options)  # fmt: skip
 
 
 def sanity(model, test, protocol: dict, seed: int) -> dict[str, Any]:

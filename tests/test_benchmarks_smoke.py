@@ -88,6 +88,27 @@ def test_every_shipped_protocol_loads_and_names_valid_attacks():
         )
 
 
+def test_a_baseline_variant_trains_its_method_with_the_options_it_names(monkeypatch):
+    protocol = {**heldout.load_protocol(heldout.DEFAULT_PROTOCOL, quick=True), **TINY,
+                "baseline_variants": {"ramp_lambda1": {"method": "ramp", "ramp_lambda": 1.0}}}  # fmt: skip
+    calls = []
+    monkeypatch.setattr(heldout, "adversarial_train", lambda model, data, attacks, **kw: calls.append((attacks, kw)))
+    heldout.train("ramp_lambda1", protocol, None, 0, "cpu")
+    heldout.train("ramp", protocol, None, 0, "cpu")
+    assert [a for a, _ in calls] == [protocol["train_attacks"]] * 2
+    assert calls[0][1]["method"] == calls[1][1]["method"] == "ramp"
+    assert calls[0][1]["ramp_lambda"] == 1.0 and "ramp_lambda" not in calls[1][1]
+    with pytest.raises(ValueError, match="unknown method 'ramp_lambda2'"):
+        heldout.train("ramp_lambda2", protocol, None, 0, "cpu")
+
+
+def test_a_baseline_variant_must_name_a_known_method(tmp_path):
+    bad = yaml.safe_load(heldout.DEFAULT_PROTOCOL.read_text()) | {"baseline_variants": {"r": {"method": "rmp"}}}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    with pytest.raises(ValueError, match="baseline variant 'r' needs method"):
+        heldout.load_protocol(tmp_path / "bad.yaml", quick=False)
+
+
 def test_committed_full_results_cover_three_seeds_and_pass_the_sanity_checks():
     """The numbers in docs/benchmarks.md come from these files."""
     for name in ("linf_heldout", "leave_out_linf", "leave_out_l2", "leave_out_l1"):
