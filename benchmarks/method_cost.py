@@ -69,7 +69,8 @@ def main() -> None:
     args = p.parse_args()
     protocol = load_protocol(args.protocol, quick=False)
     methods = args.methods or protocol["methods"]
-    unknown = sorted(set(methods) - set(protocol["methods"]) - set(protocol.get("meta_variants", {})))
+    variants = {*protocol.get("meta_variants", {}), *protocol.get("baseline_variants", {})}
+    unknown = sorted(set(methods) - set(protocol["methods"]) - variants)
     if unknown:
         p.error(f"{unknown} are not methods of {args.protocol.name}: {protocol['methods']}")
     device = str(resolve_device(args.device))

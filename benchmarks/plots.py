@@ -30,7 +30,7 @@ COLORS = {  # one color per method, the same in every figure
     "erm": "#7f7f7f", "pgd_at": "#1f77b4", "fast_at": "#17becf", "trades": "#9467bd", "avg": "#2ca02c",
     "max": "#bcbd22", "msd": "#8c564b", "sat": "#e377c2", "meta_fo": "#ff7f0e", "meta_so": "#d62728",
     "meta_anil": "#ff9896", "meta_anneal": "#ffbb78", "meta_sgd": "#c49c94", "ramp": "#393b79",
-    "meta_attention": "#e7969c", "meta_reuse4": "#843c39", "meta_task_bn": "#637939",
+    "meta_attention": "#e7969c", "meta_reuse4": "#843c39", "meta_task_bn": "#637939", "ramp_lambda1": "#9c9ede",
 }  # fmt: skip
 WIDTH = (7.5, 3.6)
 
