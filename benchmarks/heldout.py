@@ -118,11 +118,11 @@ def train(method: str, protocol: dict, train_data, seed: int, device: str, steps
                                device=device)  # fmt: skip
         tasks = ma.AttackDistribution(specs, seed=seed)
         return ma.meta_train(model, train_data, tasks, config, progress=False)
-    options = dict(protocol.get("baseline_variants", {}).get(method, {"method": method}))  # e.g. RAMP's lambda
+    baselines = protocol.get("baseline_variants", {})  # name -> {method: ..., adversarial_train options}
+    options = dict(baselines.get(method, {"method": method}))
     base = options.pop("method")
     if base not in BASELINE_ATTACKS:
-        raise ValueError(f"unknown method {method!r}; available: "
-                         f"{[*BASELINE_ATTACKS, *variants, *protocol.get('baseline_variants', {})]}")  # fmt: skip
+        raise ValueError(f"unknown method {method!r}; available: {[*BASELINE_ATTACKS, *variants, *baselines]}")
     return adversarial_train(model, train_data, BASELINE_ATTACKS[base](protocol), method=base,
                              epochs=protocol["epochs"], steps=steps, batch_size=protocol["batch_size"], seed=seed,
                              device=device, progress=False, **options)  # fmt: skip
