@@ -7,11 +7,11 @@ report = ma.evaluate(result.model, test, ["pgd_l2(eps=2.0)"], adapt_shots=32)
 
 from . import attacks, baselines, data, distributed, models, plots
 from .checkpoint import CheckpointError, UnsafeCheckpointError
-from .config import MetaConfig, RunConfig, load_run_config
+from .config import LoopConfig, MetaConfig, RunConfig, load_run_config
 from .evaluate import RobustnessReport, evaluate
-from .inner import adapt
+from .engine import NonFiniteLossError, TrainingInterrupted, TrainResult
+from .meta import adapt, meta_train
 from .tasks import AttackDistribution, AttackTask
-from .trainer import NonFiniteLossError, TrainingInterrupted, TrainResult, meta_train
 
 __version__ = "0.1.0"
 
@@ -19,6 +19,7 @@ __all__ = [
     "AttackDistribution",
     "AttackTask",
     "CheckpointError",
+    "LoopConfig",
     "MetaConfig",
     "NonFiniteLossError",
     "RobustnessReport",

@@ -75,7 +75,9 @@ from torch.utils.data import Dataset
 from .attacks import Attack, make
 from .attacks.norms import L1, NORMS, per_example
 from .functional import ModelFn, call, clone_buffers, eval_mode, model_fn, state
-from .trainer import TrainResult, fit, make_optimizer, resolve_device, training_tensors, update_if_finite
+from .config import LoopConfig
+from .engine import StepOutput, Trainable, TrainResult, fit, make_optimizer, resolve_device, training_tensors
+from .engine.resume import Checkpointing
 
 __all__ = ["METHODS", "adversarial_loss", "adversarial_train", "gradient_projection", "ramp_loss", "training_attacks"]
 
@@ -286,6 +288,7 @@ def adversarial_train(
     batch_size: int = 128,
     optimizer: str = "adam",
     lr: float = 1e-3,
+    weight_decay: float = 0.0,
     device: str = "auto",
     seed: int = 0,
     progress: bool = True,
@@ -329,34 +332,29 @@ def adversarial_train(
     _check_weight("beta", beta)
     _check_weight("ramp_lambda", ramp_lambda)
     _check_weight("ramp_beta", ramp_beta, high=1.0)
-    dev = resolve_device(device)
-    torch.manual_seed(seed)
+    loop = LoopConfig(epochs=epochs, steps=steps, batch_size=batch_size, optimizer=optimizer, lr=lr,
+                      weight_decay=weight_decay, seed=seed, device=device, max_bad_steps=max_bad_steps)  # fmt: skip
+    checkpointing = Checkpointing(checkpoint_dir, checkpoint_every, keep_last, resume)
+    dev = resolve_device(loop.device)
+    torch.manual_seed(loop.seed)
     model.to(dev)
     x, y = training_tensors(model, train_data, dev)
-    opt = make_optimizer(model.parameters(), optimizer, lr)
-    params, buffers = state(model)
+    opt = make_optimizer(model.parameters(), loop.optimizer, loop.lr, loop.weight_decay)
 
-    def step(xb: Tensor, yb: Tensor) -> dict[str, Any]:
-        before = {k: b.clone() for k, b in buffers.items()}  # put back if the step is skipped
+    def step(xb: Tensor, yb: Tensor, index: int) -> StepOutput:
         loss = adversarial_loss(model, resolved, xb, yb, method, beta=beta, ramp_lambda=ramp_lambda).mean()
         if clean_weight > 0 and method != "erm":
             loss = (1 - clean_weight) * loss + clean_weight * F.cross_entropy(model(xb), yb)
-        extra = ()
         if method == "ramp" and ramp_beta > 0:
             loss, cos = _project_on_clean(model, loss, xb, yb, ramp_beta)
-            extra = (cos,)
-        (value, grad_norm, *logged), skipped = update_if_finite(opt, loss, params.values(), buffers, before, extra)
-        record = {"loss": value, "grad_norm": grad_norm, "skipped": skipped}
-        if logged:
-            record["gp_cos"] = logged[0]
-        return record
+            return StepOutput(loss, {"gp_cos": cos})
+        return StepOutput(loss)
 
     run = {"method": method, "attacks": [a.spec for a in resolved], "clean_weight": clean_weight, "beta": beta,
            "optimizer": optimizer, "lr": lr, "model": type(model).__name__}  # fmt: skip
     if method == "ramp":  # recorded for ramp only, so checkpoints of the other methods still resume
         run |= {"ramp_lambda": ramp_lambda, "ramp_beta": ramp_beta}
-    return fit(
-        model, x, y, step, batch_size=batch_size, epochs=epochs, steps=steps, seed=seed, progress=progress,
-        desc=method, state={"optimizer": opt}, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
-        keep_last=keep_last, resume=resume, max_bad_steps=max_bad_steps, config=run,
-    )  # fmt: skip
+    if weight_decay:
+        run |= {"weight_decay": weight_decay}
+    trainable = Trainable(model, opt, list(model.parameters()))
+    return fit(trainable, x, y, step, loop, checkpointing=checkpointing, config=run, progress=progress, desc=method)

@@ -22,10 +22,9 @@ from . import __version__, data, distributed, models
 from .checkpoint import CheckpointError, UnsafeCheckpointError, environment, list_checkpoints, write_atomic
 from .config import RunConfig, load_run_config, read_config_file, run_config_from
 from .evaluate import evaluate
-from .step_bn import StepBatchNorm
-from .task_bn import TaskBatchNorm
+from .engine import NonFiniteLossError, TrainingInterrupted, TrainResult, resolve_device
+from .meta import meta_train, options
 from .tasks import AttackDistribution
-from .trainer import NonFiniteLossError, TrainingInterrupted, TrainResult, meta_train, resolve_device, wrap_model
 
 log = logging.getLogger("metaadv")
 
@@ -50,13 +49,11 @@ def write_history(out: Path, history: list[dict]) -> None:
 
 def save_run(out: Path, cfg: RunConfig, result: TrainResult) -> list[str]:
     """Write ``config.json`` (resolved, with versions, git commit, hardware), ``model.pt``, ``history.jsonl``
-    and, for a run that learned adaptation state (Meta-SGD step sizes, per-type or per-step BatchNorm
-    statistics), ``meta_state.pt``; returns the names of the files written."""
+    and, for a run whose meta options learned adaptation state (their artifacts: Meta-SGD step sizes, per-type
+    or per-step BatchNorm statistics), ``meta_state.pt``; returns the names of the files written."""
     write_config(out, cfg, status="done", train_seconds=result.seconds)
     _write_atomic(out / "model.pt", lambda f: torch.save(result.model.state_dict(), f))
-    state = {"inner_lr": {k: v.detach().clone() for k, v in result.inner_lr.items()}} if result.inner_lr else {}
-    state |= {"task_bn": result.task_bn.state_dict()} if result.task_bn is not None else {}
-    state |= {"step_bn": result.step_bn.state_dict()} if result.step_bn is not None else {}
+    state = options.save_artifacts(result.artifacts)
     if state:
         _write_atomic(out / "meta_state.pt", lambda f: torch.save(state, f))
     else:  # an earlier run's in the same directory would be loaded with this run's model
@@ -80,34 +77,26 @@ def _load_tensors(path: Path, what: str) -> Any:
 
 def load_run(checkpoint: Path) -> tuple[RunConfig, torch.nn.Module, dict[str, Any]]:
     """Rebuild a ``metaadv train`` output directory: its config, its trained model (eval mode; weights loaded
-    safely) and the ``evaluate`` options that adapt it with its own inner loop: ``adapt_params`` and
-    ``adapt_proximal`` from the config, ``adapt_lr`` (the learned Meta-SGD step sizes, else the config's
-    ``inner_lr``), and ``task_bn`` / ``step_bn`` when the run kept them (from ``meta_state.pt``)."""
+    safely) and the ``evaluate`` options that adapt it with its own inner loop: ``adapt_lr``, ``adapt_params``
+    and ``adapt_proximal`` from the config, then what its meta options' artifacts in ``meta_state.pt`` give
+    (Meta-SGD's learned ``adapt_lr``, ``task_bn``, ``step_bn``)."""
     cfg_path, weights = checkpoint / "config.json", checkpoint / "model.pt"
     if not cfg_path.is_file() or not weights.is_file():
         raise FileNotFoundError(f"{checkpoint} is not a metaadv run directory (needs config.json and model.pt)")
     cfg = _read_run_config(cfg_path)
-    model = wrap_model(models.build(cfg.model), cfg.meta, len(cfg.tasks.get("specs", ())))  # FiLM, meta-dropout
+    model = options.wrap(models.build(cfg.model), cfg.meta, len(cfg.tasks.get("specs", ())))  # FiLM, meta-dropout
     try:
         model.load_state_dict(_load_tensors(weights, "model"))
     except (RuntimeError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{weights} does not fit the model {cfg.model}: {e}") from None
-    options: dict[str, Any] = {"adapt_lr": cfg.meta.inner_lr, "adapt_params": cfg.meta.inner_params,
-                               "adapt_proximal": cfg.meta.proximal}  # fmt: skip
+    settings: dict[str, Any] = {"adapt_lr": cfg.meta.inner_lr, "adapt_params": cfg.meta.inner_params,
+                                "adapt_proximal": cfg.meta.proximal}  # fmt: skip
     saved = _load_tensors(path, "meta state") if (path := checkpoint / "meta_state.pt").is_file() else {}
-    buffers = dict(model.named_buffers())
     try:
-        if "inner_lr" in saved:
-            options["adapt_lr"] = saved["inner_lr"]
-        if "task_bn" in saved:
-            options["task_bn"] = TaskBatchNorm(model, buffers, saved["task_bn"]["names"])
-            options["task_bn"].load_state_dict(saved["task_bn"])
-        if "step_bn" in saved:
-            options["step_bn"] = StepBatchNorm(model, buffers, len(saved["step_bn"]["stats"]))
-            options["step_bn"].load_state_dict(saved["step_bn"])
+        settings |= options.artifact_eval_options(options.load_artifacts(model, saved))
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path} does not fit the model {cfg.model}: {e!r}") from None
-    return cfg, model.eval(), options
+    return cfg, model.eval(), settings
 
 
 def _read_run_config(path: Path, overrides: dict[str, Any] | None = None) -> RunConfig:

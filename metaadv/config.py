@@ -1,4 +1,5 @@
-"""Configuration: ``MetaConfig`` (the meta-training algorithm) and ``RunConfig`` (a whole CLI run from YAML/JSON).
+"""Configuration: ``LoopConfig`` (the training loop every method shares), ``MetaConfig`` (the meta-training
+algorithm, with its loop settings beside it) and ``RunConfig`` (a whole CLI run from YAML/JSON).
 
 Every field is validated on construction; errors name the field, the value and what is allowed.
 """
@@ -12,9 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MetaConfig", "RunConfig", "load_run_config", "read_config_file", "run_config_from"]
+__all__ = ["OPTIMIZERS", "LoopConfig", "MetaConfig", "RunConfig", "load_run_config", "read_config_file",
+           "run_config_from"]  # fmt: skip
 
-_OPTIMIZERS = ("adam", "sgd")
+OPTIMIZERS = ("adam", "sgd")  # the optimizers every method may use (see engine.make_optimizer)
 _QUERY_ATTACK = ("meta", "adapted")
 INNER_PARAMS = ("all", "head")  # what the inner loop adapts (see inner.inner_parameter_names)
 TASK_ENCODINGS = ("none", "type", "support")  # where FiLM's task code comes from (see film.py)
@@ -26,6 +28,46 @@ def _is_int(v: Any) -> bool:
 
 def _is_num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """The training loop's settings, the same for every method (``metaadv.train``, ``engine.fit``)."""
+
+    epochs: int = 3  # passes over the training data (the last incomplete batch of an epoch is dropped)
+    steps: int | None = None  # if set, the number of optimizer steps (overrides epochs)
+    batch_size: int = 128  # clean training examples consumed by one step
+    optimizer: str = "adam"  # "adam" or "sgd" (momentum 0.9)
+    lr: float = 1e-3  # learning rate
+    weight_decay: float = 0.0  # the optimizer's weight decay
+    seed: int = 0  # seeds the data order (and, for each method, its own randomness)
+    device: str = "auto"  # "auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:1", ...
+    log_every: int = 10  # log a line every this many steps
+    max_bad_steps: int | None = 5  # stop after this many consecutive non-finite steps (each skipped); None: never
+    deterministic: bool = False  # GPU: deterministic cuDNN/cuBLAS kernels (slower); CPU runs repeat exactly anyway
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "log_every"):
+            _require(self, name, _is_int(getattr(self, name)) and getattr(self, name) >= 1, "an integer >= 1")
+        _require(self, "steps", self.steps is None or (_is_int(self.steps) and self.steps >= 1), "None or >= 1")
+        _require(self, "max_bad_steps", self.max_bad_steps is None or (_is_int(self.max_bad_steps)
+                 and self.max_bad_steps >= 1), "None or an integer >= 1")  # fmt: skip
+        _require(self, "seed", _is_int(self.seed) and self.seed >= 0, "an integer >= 0")
+        _require(self, "lr", _is_num(self.lr) and self.lr > 0, "a number > 0")
+        _require(self, "weight_decay", _is_num(self.weight_decay) and self.weight_decay >= 0, "a number >= 0")
+        _require(self, "optimizer", self.optimizer in OPTIMIZERS, f"one of {OPTIMIZERS}")
+        _require(self, "deterministic", isinstance(self.deterministic, bool), "True or False")
+        _require(self, "device", isinstance(self.device, str) and self.device != "", "'auto', 'cpu' or 'cuda[:i]'")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> LoopConfig:
+        """Build from a mapping, rejecting unknown keys by name."""
+        return cls(**_known_fields(cls, values, "loop"))
+
+
+def _require(config: Any, name: str, ok: bool, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{type(config).__name__}.{name} must be {allowed}, got {getattr(config, name)!r}")
 
 
 @dataclass(frozen=True)
@@ -100,13 +142,21 @@ class MetaConfig:
                 raise ValueError(
                     f"MetaConfig.{name}={getattr(self, name)!r} needs the looped meta-step: set batched=False"
                 )
-        self._require("outer_optimizer", self.outer_optimizer in _OPTIMIZERS, f"one of {_OPTIMIZERS}")
+        self._require("outer_optimizer", self.outer_optimizer in OPTIMIZERS, f"one of {OPTIMIZERS}")
         self._require("query_attack", self.query_attack in _QUERY_ATTACK, f"one of {_QUERY_ATTACK}")
         self._require("device", isinstance(self.device, str) and self.device != "", "'auto', 'cpu' or 'cuda[:i]'")
 
     def _require(self, name: str, ok: bool, allowed: str) -> None:
-        if not ok:
-            raise ValueError(f"MetaConfig.{name} must be {allowed}, got {getattr(self, name)!r}")
+        _require(self, name, ok, allowed)
+
+    @property
+    def loop(self) -> LoopConfig:
+        """The training loop of this config: one meta-step per batch of ``examples_per_step`` examples, the
+        meta-optimizer's settings as the loop's optimizer."""
+        return LoopConfig(epochs=self.epochs, steps=self.steps, batch_size=self.examples_per_step,
+                          optimizer=self.outer_optimizer, lr=self.outer_lr, weight_decay=self.weight_decay,
+                          seed=self.seed, device=self.device, log_every=self.log_every,
+                          max_bad_steps=self.max_bad_steps, deterministic=self.deterministic)  # fmt: skip
 
     def first_order_at(self, step: int | None) -> bool:
         """Whether meta-step ``step`` (0-based) uses first-order meta-gradients: ``first_order``, or

@@ -25,7 +25,6 @@ from tqdm.auto import tqdm
 from . import attacks as _attacks
 from .config import INNER_PARAMS
 from .data import to_tensors
-from .film import encoding_of, task_code, with_code
 from .functional import (
     ModelFn,
     Params,
@@ -38,9 +37,10 @@ from .functional import (
     model_fn,
     state,
 )
-from .inner import LearningRate, adapt, inner_parameter_names
-from .step_bn import StepBatchNorm
-from .task_bn import TaskBatchNorm
+from .meta.inner import LearningRate, adapt, inner_parameter_names
+from .meta.options.film import encoding_of, task_code, with_code
+from .meta.options.step_bn import StepBatchNorm
+from .meta.options.task_bn import TaskBatchNorm
 from .validation import check_images, check_labels, check_logits, check_positive
 
 __all__ = ["ADAPT_METHODS", "RobustnessReport", "evaluate"]

@@ -18,11 +18,19 @@ gives theta the gradient of the first and phi the gradient of the second. See do
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["TASK_STATISTICS", "TaskAttention", "task_statistics", "weighted_meta_loss"]
+from ...functional import Params, call, clone_buffers
+from ...tasks import AttackTask
+from ..sets import TaskSets
+from .base import Aggregate, MetaOption, OptionSetup
+
+__all__ = ["TASK_STATISTICS", "AttentionOption", "TaskAttention", "task_statistics", "weighted_meta_loss"]
 
 # Per-task statistics the network reads, in column order of ``stats`` (see ``task_statistics``).
 TASK_STATISTICS = (
@@ -195,3 +203,69 @@ def _check_pair(weights: Tensor, losses: Tensor) -> None:
 
 def _describe(x: object) -> str:
     return f"{x.dtype} of shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+
+
+class AttentionOption(MetaOption):
+    """``MetaConfig.task_attention``: the meta-loss weights the tasks by a ``TaskAttention`` network, trained in
+    its own group of the meta-optimizer (lr ``attention_lr``, no weight decay) on its own loss, in one backward
+    with the meta-loss. If a statistic is not finite the weights are uniform for the step (then skipped)."""
+
+    field, name, artifact_name, distributed = "task_attention", "task_attention", "attention", False
+
+    def __init__(self, attention: TaskAttention, lr: float) -> None:
+        self.attention, self.lr = attention, lr
+
+    @classmethod
+    def enabled(cls, config: Any) -> bool:
+        return config.task_attention
+
+    @classmethod
+    def build(cls, config: Any, setup: OptionSetup) -> AttentionOption:
+        attention = TaskAttention(len(setup.tasks), entropy=config.attention_entropy).to(setup.like.device)
+        return cls(attention, config.attention_lr)
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [{"params": list(self.attention.parameters()), "lr": self.lr, "weight_decay": 0.0}]
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return self.attention.state_dict()
+
+    def load_state_dict(self, saved: Any) -> None:
+        self.attention.load_state_dict(saved)
+
+    def artifact(self) -> TaskAttention:
+        return self.attention.eval()
+
+    def aggregate(self, model: nn.Module, params: Params, buffers: Params, tasks: Sequence[AttackTask],
+                  sets: Sequence[TaskSets], losses: Tensor, query_loss: Tensor, query_acc: Tensor) -> Aggregate:  # fmt: skip
+        stats = _attention_statistics(model, params, buffers, sets, query_loss, query_acc)
+        if bool(torch.isfinite(stats).all()):
+            types = torch.tensor([t.type_index for t in tasks], device=stats.device)
+            weights = self.attention(types, stats)
+            objective = self.attention.attention_loss(weights, losses)
+        else:
+            weights = torch.full_like(losses, 1 / len(tasks))
+            objective = losses.detach().sum() * 0.0  # NaN if a loss is: the engine then skips the step
+        return Aggregate(weights, objective, {"task_weights": weights.detach()})
+
+
+@torch.no_grad()
+def _attention_statistics(
+    model: nn.Module, params: Params, buffers: Params, sets: Sequence[TaskSets], query_loss: Tensor, query_acc: Tensor
+) -> Tensor:
+    """Task attention's (T, 4) statistics: the support and query loss and query accuracy at the meta-parameters
+    (forward passes in the model's mode on scratch BatchNorm statistics), with the adapted copies' query
+    loss and accuracy. Queries crafted against the adapted copies (``query_attack="adapted"``) are not
+    kept, so there the query statistics before adaptation are on the clean query examples."""
+    scratch = clone_buffers(buffers)
+    before = []
+    for s in sets:
+        support_logits = call(model, params, scratch, s.support)
+        query = s.query if s.query is not None else s.query_clean
+        query_logits = call(model, params, scratch, query)
+        q_acc = (query_logits.argmax(1) == s.query_y).float().mean()
+        before.append(torch.stack([F.cross_entropy(query_logits, s.query_y),
+                                   F.cross_entropy(support_logits, s.support_y), q_acc]))  # fmt: skip
+    q_loss, s_loss, q_acc = torch.stack(before).unbind(1)
+    return task_statistics(query_loss_before=q_loss, query_loss_after=query_loss, support_loss=s_loss,
+                           query_acc_before=q_acc, query_acc_after=query_acc)  # fmt: skip

@@ -23,12 +23,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .functional import Params, batchnorm_layers, clone_buffers
+from ...functional import Params, batchnorm_layers, clone_buffers
+from .base import InnerLoop, MetaOption, OptionSetup
 
 __all__ = ["StepBatchNorm"]
 
 
-class StepBatchNorm:
+class StepBatchNorm(MetaOption):
     """Running statistics for inner steps 1..K, besides set 0 (the model's own buffers).
 
     Args:
@@ -46,6 +47,41 @@ class StepBatchNorm:
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"steps must be an integer >= 0 (the inner steps K), got {steps!r}")
         self.stats: list[Params] = [clone_buffers(buffers) for _ in range(steps)]  # sets 1..K: all model buffers
+
+    field, name, artifact_name, batched, distributed, volatile = "per_step_bn", "step_bn", "step_bn", False, False, True
+
+    @classmethod
+    def enabled(cls, config: Any) -> bool:
+        return config.per_step_bn
+
+    @classmethod
+    def build(cls, config: Any, setup: OptionSetup) -> StepBatchNorm:
+        return cls(setup.model, setup.buffers, config.inner_steps)
+
+    def inner_loop(self, loop: InnerLoop) -> InnerLoop:
+        """The support pass of inner step k updates set k (set 0: the model's buffers), the query pass set K."""
+        if loop.settings["steps"] != self.steps:
+            raise ValueError(f"step_bn holds statistics for {self.steps} inner steps, the inner loop takes "
+                             f"{loop.settings['steps']} (MetaConfig.inner_steps)")  # fmt: skip
+        sets = self.sets(loop.buffers)
+        return loop.replace(settings={**loop.settings, "buffers": sets[:-1]}, query_buffers=sets[-1])
+
+    def artifact(self) -> StepBatchNorm:
+        return self
+
+    @classmethod
+    def save_artifact(cls, artifact: StepBatchNorm) -> dict[str, Any]:
+        return artifact.state_dict()
+
+    @classmethod
+    def load_artifact(cls, model: nn.Module, saved: Mapping[str, Any]) -> StepBatchNorm:
+        stats = cls(model, dict(model.named_buffers()), len(saved["stats"]))
+        stats.load_state_dict(saved)
+        return stats
+
+    @classmethod
+    def eval_options(cls, artifact: StepBatchNorm) -> dict[str, Any]:
+        return {"step_bn": artifact}
 
     @property
     def steps(self) -> int:

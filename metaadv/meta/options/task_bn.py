@@ -29,12 +29,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .functional import Params, batchnorm_layers, batchnorm_training, call, clone_buffers
+from ...functional import Params, batchnorm_layers, batchnorm_training, call, clone_buffers
+from ...tasks import AttackTask
+from ..sets import TaskSets
+from .base import MetaOption, OptionSetup
 
 __all__ = ["TaskBatchNorm", "bn_divergence"]
 
 
-class TaskBatchNorm:
+class TaskBatchNorm(MetaOption):
     """Running BatchNorm statistics per attack type, besides the model's own (meta) statistics.
 
     Args:
@@ -51,6 +54,38 @@ class TaskBatchNorm:
             )
         self.names = list(names)
         self.stats: list[Params] = [clone_buffers(dict(buffers)) for _ in self.names]  # type index -> buffers
+
+    field, name, artifact_name, distributed, volatile = "task_bn", "task_bn", "task_bn", False, True
+
+    @classmethod
+    def enabled(cls, config: Any) -> bool:
+        return config.task_bn
+
+    @classmethod
+    def build(cls, config: Any, setup: OptionSetup) -> TaskBatchNorm:
+        return cls(setup.model, setup.buffers, [a.name for a in setup.tasks.types])
+
+    def observe(self, model: nn.Module, params: Params, tasks: Sequence[AttackTask], sets: Sequence[TaskSets]) -> None:
+        """Each task's support and query examples update its type's statistics, at the meta-parameters."""
+        for task, s in zip(tasks, sets, strict=True):
+            self.update(model, params, task.type_index, s.support if s.query is None else torch.cat([s.support, s.query]))
+
+    def artifact(self) -> TaskBatchNorm:
+        return self
+
+    @classmethod
+    def save_artifact(cls, artifact: TaskBatchNorm) -> dict[str, Any]:
+        return artifact.state_dict()
+
+    @classmethod
+    def load_artifact(cls, model: nn.Module, saved: Mapping[str, Any]) -> TaskBatchNorm:
+        stats = cls(model, dict(model.named_buffers()), saved["names"])
+        stats.load_state_dict(saved)
+        return stats
+
+    @classmethod
+    def eval_options(cls, artifact: TaskBatchNorm) -> dict[str, Any]:
+        return {"task_bn": artifact}
 
     @torch.no_grad()
     def update(self, model: nn.Module, params: Params, type_index: int, x: Tensor) -> None:

@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import grad, vmap
 
-from .batchnorm import BatchNormFromPrimitives
-from .config import INNER_PARAMS
-from .functional import Params, call, clone_buffers, detach, state
-from .validation import check_positive
+from ..batchnorm import BatchNormFromPrimitives
+from ..config import INNER_PARAMS
+from ..functional import Params, call, clone_buffers, detach, state
+from ..validation import check_positive
 
 __all__ = ["adapt", "adapt_tasks", "init_inner_lr", "inner_parameter_names"]
 

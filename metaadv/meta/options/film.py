@@ -22,15 +22,19 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .functional import Params
-from .validation import check_positive
+from ...functional import ModelFn, Params, clone_buffers, model_fn
+from ...tasks import AttackTask
+from ...validation import check_positive
+from ..sets import TaskSets
+from .base import InnerLoop, MetaOption, OptionSetup
 
-__all__ = ["ENCODINGS", "FiLM", "encoding_of", "task_code", "with_code"]
+__all__ = ["ENCODINGS", "FiLM", "TaskEncoding", "encoding_of", "task_code", "with_code"]
 
 ENCODINGS = ("type", "support")  # where the task code comes from
 CODE = "task_code"  # the wrapper's buffer holding the code the forward pass conditions on
@@ -195,3 +199,44 @@ def with_code(buffers: Mapping[str, Tensor], code: Tensor) -> Params:
     if not isinstance(code, Tensor) or code.shape != buffers[keys[0]].shape:
         raise ValueError(f"code must be a tensor of shape {tuple(buffers[keys[0]].shape)}, got {code!r}")
     return {**buffers, keys[0]: code}
+
+
+class TaskEncoding(MetaOption):
+    """``MetaConfig.task_encoding`` (looped only): the model is wrapped in ``FiLM`` (inside ``MetaDropout`` when
+    both are on), and each task's inner loop and query loss run at its task code: ``"type"``, its type's
+    embedding (its attacks target the model at that code too); ``"support"``, inferred from its support set's
+    perturbations (attacks target the unknown code 0). The code keeps its graph to the embedding or encoder in
+    the inner loop and the query pass; an attack against the adapted copy sees it detached. Other options'
+    forward passes (task attention's statistics, per-type BN updates) run at the model's own (zero) code."""
+
+    field, name, batched = "task_encoding", "task_encoding", False
+
+    def __init__(self, encoding: str) -> None:
+        self.encoding = encoding
+
+    @classmethod
+    def enabled(cls, config: Any) -> bool:
+        return config.task_encoding != "none"
+
+    @classmethod
+    def wrap(cls, model: nn.Module, config: Any, n_types: int) -> nn.Module:
+        return FiLM(model, n_types, config.encoding_dim, config.task_encoding)
+
+    @classmethod
+    def build(cls, config: Any, setup: OptionSetup) -> TaskEncoding:
+        return cls(config.task_encoding)
+
+    def attack_target(self, model: nn.Module, params: Params, buffers: Params, task: AttackTask) -> ModelFn | None:
+        if self.encoding != "type":
+            return None
+        return model_fn(model, params, with_code(buffers, task_code(model, params, type_index=task.type_index).detach()))
+
+    def task_loop(self, model: nn.Module, params: Params, task: AttackTask, sets: TaskSets, loop: InnerLoop) -> InnerLoop:
+        if self.encoding == "type":
+            code = task_code(model, params, type_index=task.type_index)
+        else:
+            code = task_code(model, params, support_adv=sets.support, support_clean=sets.support_clean)
+        steps = loop.settings.get("buffers")
+        coded = [with_code(b, code) for b in steps] if steps is not None else with_code(clone_buffers(loop.buffers), code)
+        return loop.replace(settings={**loop.settings, "buffers": coded}, query_buffers=with_code(loop.query_buffers, code),
+                            attack_buffers=with_code(loop.attack_buffers, code.detach()))  # fmt: skip

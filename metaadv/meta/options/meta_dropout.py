@@ -17,13 +17,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .validation import check_positive
+from ...validation import check_positive
+from .base import MetaOption, OptionSetup
 
-__all__ = ["MetaDropout"]
+__all__ = ["MetaDropout", "MetaDropoutOption"]
 
 
 class MetaDropout(nn.Module):
@@ -81,3 +83,22 @@ class MetaDropout(nn.Module):
         u = torch.rand(h.shape[0], h.shape[1], *([1] * (h.dim() - 2)), dtype=h.dtype, device=h.device)
         mask = torch.sigmoid((logit + torch.logit(u, eps=1e-6)) / self.temperature)  # (B, C, 1, ...)
         return h * (mask / torch.sigmoid(logit))
+
+
+class MetaDropoutOption(MetaOption):
+    """``MetaConfig.meta_dropout`` (looped only): the model is wrapped in ``MetaDropout`` (the outermost wrapper);
+    its keep logits are parameters of the model, so nothing else changes in the meta-step."""
+
+    field, name, batched = "meta_dropout", "meta_dropout", False
+
+    @classmethod
+    def enabled(cls, config: Any) -> bool:
+        return config.meta_dropout > 0
+
+    @classmethod
+    def wrap(cls, model: nn.Module, config: Any, n_types: int) -> nn.Module:
+        return MetaDropout(model, config.meta_dropout)
+
+    @classmethod
+    def build(cls, config: Any, setup: OptionSetup) -> MetaDropoutOption:
+        return cls()

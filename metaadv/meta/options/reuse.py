@@ -18,7 +18,9 @@ from typing import Any
 
 import torch
 
-from .meta import TaskSets
+from ...tasks import AttackTask
+from ..sets import TaskSets
+from .base import MetaOption, OptionSetup
 
 __all__ = ["AdversarialPool"]
 
@@ -30,14 +32,45 @@ def _key(text: str) -> Key:
     return int(i), int(k)
 
 
-class AdversarialPool:
-    """Crafted ``TaskSets`` per key (task type index, occurrence in the meta-batch) and the step of their crafting."""
+class AdversarialPool(MetaOption):
+    """Crafted ``TaskSets`` per key (task type index, occurrence in the meta-batch) and the step of their crafting.
+
+    As a meta option (``MetaConfig.reuse_every > 1``) it hands the crafting stage the fresh sets it holds, stores
+    those crafted afresh, and records per task whether it was attacked (``crafted``); a skipped meta-step
+    puts the pool back as it was (the sets crafted against a non-finite model are not kept).
+    """
+
+    field, name, distributed, volatile = "reuse_every", "adversarial_pool", False, True
 
     def __init__(self, every: int, device: torch.device | str = "cpu") -> None:
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"reuse_every must be an integer >= 1, got {every!r}")
         self.every, self.device = every, torch.device(device)
         self.entries: dict[Key, tuple[int, TaskSets]] = {}  # key -> (crafted at step, sets)
+        self.last_crafted: list[bool] = []  # per task of the latest meta-step: attacked afresh
+
+    @classmethod
+    def enabled(cls, config: Any) -> bool:
+        return config.reuse_every > 1
+
+    @classmethod
+    def build(cls, config: Any, setup: OptionSetup) -> AdversarialPool:
+        return cls(config.reuse_every, setup.like.device)
+
+    def reused(self, tasks: Sequence[AttackTask], step: int | None) -> dict[int, TaskSets]:
+        if step is None:
+            raise ValueError("MetaConfig.reuse_every > 1 needs the meta-step index: pass step=")
+        found = {i: self.fresh(key, step) for i, key in enumerate(self.keys([t.type_index for t in tasks]))}
+        self.last_crafted = [s is None for s in found.values()]
+        return {i: s for i, s in found.items() if s is not None}
+
+    def crafted(self, tasks: Sequence[AttackTask], step: int | None, sets: Mapping[int, TaskSets]) -> None:
+        keys = self.keys([t.type_index for t in tasks])
+        for i, s in sets.items():
+            self.put(keys[i], step, s)  # type: ignore[arg-type]
+
+    def record(self) -> dict[str, Any]:
+        return {"crafted": self.last_crafted}
 
     def fresh(self, key: Key, step: int) -> TaskSets | None:
         """The stored sets of ``key`` if crafted fewer than ``every`` steps before ``step``, else None."""
