@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from metaadv.data import load
 from metaadv.models import SmallCNN
@@ -58,3 +58,37 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+class PoisonedTasks:
+    """An ``AttackDistribution`` that sets ``model.poison`` while the meta-steps listed in ``bad`` (1-based) run.
+
+    ``meta_train`` samples the tasks once at the start of every meta-step, so the flag covers that step's
+    crafting, inner loop and query passes; a model reading it (``Poisonable`` in test_faults.py) turns them NaN.
+    """
+
+    def __new__(cls, specs, model, bad, **kwargs):
+        from metaadv import AttackDistribution
+
+        class Poisoned(AttackDistribution):
+            def sample(self, *args, **kw):
+                self.calls += 1
+                model.poison = self.calls in bad
+                return super().sample(*args, **kw)
+
+        tasks = Poisoned(specs, **kwargs)
+        tasks.calls = 0
+        return tasks
+
+
+class Poisonable(nn.Module):
+    """SmallCNN whose input turns to NaN while ``poison`` is set: NaN reaches the BatchNorm statistics,
+    the loss and every gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = SmallCNN(hidden=16)
+        self.poison = False
+
+    def forward(self, x):
+        return self.net(x * float("nan") if self.poison else x)

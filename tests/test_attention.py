@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from metaadv.attention import TASK_STATISTICS, TaskAttention, task_statistics, weighted_meta_loss
+from metaadv.meta.options.attention import TASK_STATISTICS, TaskAttention, task_statistics, weighted_meta_loss
 
 N_TYPES, T = 4, 4
 HARD, EASY = 3.0, 0.5  # query losses of the hard attack type (index 0) and of the others

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 import metaadv as ma
-import metaadv.meta as meta
+import metaadv.meta.craft as craft
 from metaadv.attacks import make
 from metaadv.attacks.spec import group_by_batch_key, run_grouped
 from metaadv.functional import state
-from metaadv.inner import adapt, adapt_tasks
 from metaadv.meta import TaskSets, craft_task_sets, meta_batch_loss, task_losses
+from metaadv.meta.inner import adapt, adapt_tasks
 from metaadv.models import SmallCNN
 from metaadv.tasks import AttackTask, split_support_query
 
@@ -164,8 +164,8 @@ def test_mixed_tasks_run_one_attack_call_per_family_and_each_task_keeps_its_eps(
         calls.append([canonical.index(a.spec) for a in attacks])
         return original(attacks, *args)
 
-    original = meta.run_grouped
-    monkeypatch.setattr(meta, "run_grouped", counting)
+    original = craft.run_grouped
+    monkeypatch.setattr(craft, "run_grouped", counting)
     model = tiny_cnn()
     params, buffers = state(model)
     x, y = clean_batch(len(tasks))

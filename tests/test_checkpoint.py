@@ -23,8 +23,9 @@ import metaadv as ma
 from metaadv import checkpoint as ckpt
 from metaadv import models
 from metaadv.cli import load_run, main
+from metaadv.engine import StepOutput, Trainable, TrainingInterrupted, fit
+from metaadv.engine.resume import Checkpointing
 from metaadv.models import SmallCNN
-from metaadv.trainer import TrainingInterrupted, fit
 
 SPECS = ["fgsm(eps=0.3)", "pgd_linf(eps=0.3, steps=2)"]
 
@@ -217,23 +218,20 @@ def test_sigint_saves_at_the_step_boundary_then_resume_completes(tmp_path):
     x, y = torch.randn(32, 4), torch.randint(0, 2, (32,))
     previous = signal.getsignal(signal.SIGINT)
 
-    def step(xb, yb):
+    def step(xb, yb, index):
         loss = torch.nn.functional.cross_entropy(model(xb), yb)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
         if len(seen) == 2:  # during the third step
             os.kill(os.getpid(), signal.SIGINT)
         seen.append(loss.item())
-        return {"loss": loss.item()}
+        return StepOutput(loss)
 
     seen: list[float] = []
-    kw = {"batch_size": 8, "epochs": 3, "progress": False, "state": {"opt": opt}, "checkpoint_dir": tmp_path}
+    trainable, loop = Trainable(model, opt, list(model.parameters())), ma.LoopConfig(batch_size=8, epochs=3)
     with pytest.raises(TrainingInterrupted, match="SIGINT after step 3") as info:
-        fit(model, x, y, step, checkpoint_every=100, **kw)
+        fit(trainable, x, y, step, loop, checkpointing=Checkpointing(tmp_path, every=100), progress=False)
     assert info.value.step == 3 and info.value.checkpoint == tmp_path / "ckpt-00000003.pt"
     assert signal.getsignal(signal.SIGINT) is previous
-    result = fit(model, x, y, step, resume=True, **kw)
+    result = fit(trainable, x, y, step, loop, checkpointing=Checkpointing(tmp_path, resume=True), progress=False)
     assert [r["step"] for r in result.history] == list(range(1, 13))
     assert len(seen) == 12  # no step ran twice
 
@@ -242,11 +240,13 @@ def test_without_a_checkpoint_directory_signal_handling_is_untouched():
     model = torch.nn.Linear(4, 2)
     handlers = []
 
-    def step(xb, yb):
+    def step(xb, yb, index):
         handlers.append(signal.getsignal(signal.SIGTERM))
-        return {"loss": 0.0}
+        return StepOutput(model(xb).sum() * 0.0)
 
-    fit(model, torch.randn(8, 4), torch.zeros(8, dtype=torch.long), step, batch_size=4, epochs=1, progress=False)
+    trainable = Trainable(model, torch.optim.SGD(model.parameters(), lr=0.1), list(model.parameters()))
+    fit(trainable, torch.randn(8, 4), torch.zeros(8, dtype=torch.long), step, ma.LoopConfig(batch_size=4, epochs=1),
+        progress=False)  # fmt: skip
     assert handlers == [signal.getsignal(signal.SIGTERM)] * 2
 
 

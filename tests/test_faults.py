@@ -9,33 +9,19 @@ import logging
 
 import pytest
 import torch
+from conftest import Poisonable, PoisonedTasks
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.utils.data import Dataset
 
 import metaadv as ma
-import metaadv.trainer as trainer
 from metaadv import cli
 from metaadv.data import TensorDataset
+from metaadv.engine import NonFiniteLossError, training_tensors
 from metaadv.models import SmallCNN
-from metaadv.trainer import NonFiniteLossError, training_tensors
 
 SPECS = ["fgsm(eps=0.3)", "pgd_linf(eps=0.3, steps=2)"]
-REAL_META_BATCH_LOSS = trainer.meta_batch_loss
-
-
-class Poisonable(nn.Module):
-    """SmallCNN whose input turns to NaN while ``poison`` is set: NaN reaches the BatchNorm statistics,
-    the loss and every gradient."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = SmallCNN(hidden=16)
-        self.poison = False
-
-    def forward(self, x):
-        return self.net(x * float("nan") if self.poison else x)
 
 
 def data(n: int = 64):
@@ -45,22 +31,14 @@ def data(n: int = 64):
 
 def poisoned_run(monkeypatch, steps: int, bad: set[int], specs: list[str] = SPECS, **config):
     """meta_train a fresh seeded Poisonable for ``steps`` meta-steps; the steps in ``bad`` (1-based) see NaN."""
-    real, calls = REAL_META_BATCH_LOSS, []
-
-    def injected(model, *args, **kwargs):
-        calls.append(None)
-        model.poison = len(calls) in bad
-        try:
-            return real(model, *args, **kwargs)
-        finally:
-            model.poison = False
-
-    monkeypatch.setattr(trainer, "meta_batch_loss", injected)
     torch.manual_seed(0)
     model = Poisonable()
     values = {"tasks_per_batch": 1, "support_size": 8, "query_size": 8, "sample_replace": True, "steps": steps}
     cfg = ma.MetaConfig(**{**values, **config})
-    result = ma.meta_train(model, data(), ma.AttackDistribution(specs, seed=0), cfg, progress=False)
+    try:
+        result = ma.meta_train(model, data(), PoisonedTasks(specs, model, bad, seed=0), cfg, progress=False)
+    finally:
+        model.poison = False
     return model, result
 
 
@@ -70,7 +48,7 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def test_nan_steps_are_skipped_counted_and_logged_without_touching_the_model(monkeypatch, caplog):
     clean, _ = poisoned_run(monkeypatch, steps=1, bad=set())
-    with caplog.at_level(logging.WARNING, logger="metaadv.trainer"):
+    with caplog.at_level(logging.WARNING, logger="metaadv.engine.loop"):
         model, result = poisoned_run(monkeypatch, steps=3, bad={2, 3})
     # Steps 2 and 3 saw NaN everywhere: parameters, BatchNorm statistics and all are those after step 1.
     after = snapshot(model)
@@ -276,3 +254,19 @@ values = st.none() | st.booleans() | st.integers(-3, 10**12) | st.floats() | st.
 def test_fuzzed_meta_configs_over_every_field_only_raise_documented_errors(fields):
     with contextlib.suppress(ValueError, TypeError):
         ma.MetaConfig.from_dict(fields)
+
+
+def test_sets_crafted_in_a_skipped_step_are_not_reused(monkeypatch):
+    # Step 1 is NaN and skipped: its sets must not enter the reuse pool, so step 2 crafts afresh.
+    _, result = poisoned_run(monkeypatch, steps=4, bad={1}, specs=["fgsm(eps=0.3)"], reuse_every=3)
+    assert [r["skipped"] for r in result.history] == [True, False, False, False]
+    assert [r["crafted"] for r in result.history] == [[True], [True], [False], [False]]
+
+
+def test_the_model_is_back_in_eval_mode_when_training_raises(monkeypatch):
+    torch.manual_seed(0)
+    model = Poisonable()
+    cfg = ma.MetaConfig(tasks_per_batch=1, support_size=8, query_size=8, steps=4, max_bad_steps=1)
+    with pytest.raises(NonFiniteLossError):
+        ma.meta_train(model, data(), PoisonedTasks(SPECS, model, {2}, seed=0), cfg, progress=False)
+    assert not any(m.training for m in model.modules())

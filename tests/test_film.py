@@ -1,4 +1,4 @@
-"""Task encoding with FiLM (``MetaConfig.task_encoding``, ``metaadv.film``): a fresh wrapper is the base model,
+"""Task encoding with FiLM (``MetaConfig.task_encoding``, ``meta.options.film``): a fresh wrapper is the base model,
 the code reaches the features and the meta-gradient reaches the code's own parameters, ``meta_train`` trains
 them, ``evaluate`` infers a support-mode code from each attack's support set, and a resume repeats the run."""
 
@@ -12,10 +12,10 @@ from torch.func import functional_call
 
 import metaadv as ma
 from metaadv import checkpoint as ckpt
-from metaadv.film import FiLM, encoding_of, task_code, with_code
 from metaadv.functional import batchnorm_training, clone_buffers, detach, state
-from metaadv.inner import adapt, inner_parameter_names
-from metaadv.meta_dropout import MetaDropout
+from metaadv.meta.inner import adapt, inner_parameter_names
+from metaadv.meta.options.film import FiLM, encoding_of, task_code, with_code
+from metaadv.meta.options.meta_dropout import MetaDropout
 from metaadv.models import SmallCNN
 
 N_TYPES, DIM = 3, 4

@@ -1,4 +1,4 @@
-"""The persistent generator task (``MetaConfig.persistent_generator``, ``tasks.PersistentGenerators``): each
+"""The persistent generator task (``MetaConfig.persistent_generator``, ``PersistentGenerators``): each
 ``generator(...)`` task type keeps one generator for the whole run, trained against the meta-model every time
 the type is sampled, checkpointed, and still available as a fresh (white-box) held-out attack in evaluate."""
 
@@ -12,8 +12,9 @@ from metaadv import checkpoint as ckpt
 from metaadv.attacks import GeneratorAttack, make
 from metaadv.functional import model_fn, state
 from metaadv.meta import craft_task_sets
+from metaadv.meta.options.generators import PersistentGenerators
 from metaadv.models import SmallCNN
-from metaadv.tasks import AttackTask, PersistentGenerators
+from metaadv.tasks import AttackTask
 
 GEN = "generator(eps=0.3, steps=2, width=4)"
 SPECS = ["fgsm(eps=0.3)", GEN]
@@ -100,7 +101,7 @@ def test_the_batched_meta_step_trains_the_persistent_generator_per_task():
 
 def test_the_option_changes_training_and_off_is_the_plain_run():
     plain, off, on = tiny_run(), tiny_run(persistent_generator=False), tiny_run(persistent_generator=True)
-    assert [r["loss"] for r in off.history] == [r["loss"] for r in plain.history] and off.generators is None
+    assert [r["loss"] for r in off.history] == [r["loss"] for r in plain.history] and "generators" not in off.artifacts
     for k, v in plain.model.state_dict().items():
         assert torch.equal(off.model.state_dict()[k], v), k
     assert [r["loss"] for r in on.history] != [r["loss"] for r in plain.history]

@@ -1,4 +1,4 @@
-"""Meta-dropout (``MetaConfig.meta_dropout``, ``metaadv.meta_dropout``): learned per-channel dropout after each
+"""Meta-dropout (``MetaConfig.meta_dropout``, ``meta.options.meta_dropout``): learned per-channel dropout after each
 BatchNorm layer, identity in eval mode, its logits adapted by the inner loop and meta-learned by ``meta_train``."""
 
 import math
@@ -12,8 +12,8 @@ from torch.func import functional_call
 import metaadv as ma
 from metaadv import checkpoint as ckpt
 from metaadv.functional import clone_buffers, state
-from metaadv.inner import adapt, inner_parameter_names
-from metaadv.meta_dropout import MetaDropout
+from metaadv.meta.inner import adapt, inner_parameter_names
+from metaadv.meta.options.meta_dropout import MetaDropout
 from metaadv.models import SmallCNN
 
 P = 0.2

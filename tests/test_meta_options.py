@@ -6,6 +6,7 @@ Float64 throughout; looped and task-batched inner loops are compared at 1e-10 as
 
 import copy
 import json
+import logging
 
 import pytest
 import torch
@@ -14,12 +15,13 @@ from torch import nn
 from torch.func import functional_call
 
 import metaadv as ma
-import metaadv.trainer as trainer
 from metaadv import checkpoint as ckpt
 from metaadv.attacks import make
 from metaadv.functional import call, clone_buffers, state
-from metaadv.inner import adapt, adapt_tasks, init_inner_lr, inner_parameter_names
 from metaadv.meta import TaskSets, task_losses
+from metaadv.meta.inner import adapt, adapt_tasks, init_inner_lr, inner_parameter_names
+from metaadv.meta.options.meta_sgd import MetaSGD
+from metaadv.meta.train import FIRST_FIELDS
 from metaadv.models import PreActResNet18, SmallCNN
 from metaadv.tasks import AttackTask
 
@@ -55,8 +57,9 @@ def meta_grads(model, step=None, inner_lr=None, **options):
     model = copy.deepcopy(model)
     params, buffers = state(model)
     tasks = [AttackTask(make("fgsm(eps=0.1)"), i) for i in range(N_TASKS)]
+    given = [MetaSGD(inner_lr)] if inner_lr is not None else []
     loss, _, _ = task_losses(model, params, buffers, tasks, fixed_sets(), config(**options), step=step,
-                             inner_lr=inner_lr)  # fmt: skip
+                             options=given)  # fmt: skip
     leaves = [*params.values(), *(inner_lr or {}).values()]
     return torch.autograd.grad(loss.mean(), leaves)
 
@@ -213,21 +216,17 @@ def tiny_run(tmp_path=None, steps=4, resume=False, **options):
     return ma.meta_train(model, (x, y), tasks, cfg, progress=False, **where)
 
 
-def test_meta_train_passes_the_meta_step_index_and_a_resume_continues_it(tmp_path, monkeypatch):
-    seen = []
-
-    def recording(*args, step=None, **kwargs):
-        seen.append(step)
-        return original(*args, step=step, **kwargs)
-
-    original = trainer.meta_batch_loss
-    monkeypatch.setattr(trainer, "meta_batch_loss", recording)
+def test_the_first_order_schedule_counts_meta_steps_across_a_resume(tmp_path, caplog):
+    whole = tiny_run(steps=4, first_order_until=3)
     tiny_run(tmp_path, steps=2, first_order_until=3)
-    tiny_run(tmp_path, steps=4, resume=True, first_order_until=3)
-    assert seen == [0, 1, 2, 3]
-    seen.clear()
-    tiny_run(steps=2)
-    assert seen == [None, None]  # no schedule: no index needed, nothing extra in checkpoints
+    with caplog.at_level(logging.INFO, logger="metaadv.meta.train"):
+        resumed = tiny_run(tmp_path, steps=4, resume=True, first_order_until=3)
+    assert [r.getMessage() for r in caplog.records if "switching" in r.getMessage()] == [
+        "meta-step 4: switching from first-order to second-order meta-gradients"
+    ]
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in whole.history]
+    for k, v in whole.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[k], v), k
 
 
 # Meta-SGD: learned per-parameter step sizes -------------------------------------------------------------------------
@@ -277,10 +276,10 @@ def test_meta_train_learns_the_step_sizes_and_a_resume_keeps_them(tmp_path):
 
 def test_defaults_add_nothing_to_results_or_checkpoints(tmp_path):
     result = tiny_run(tmp_path, steps=1)
-    assert result.inner_lr is None
+    assert result.artifacts == {}
     saved = ckpt.load_checkpoint(ckpt.list_checkpoints(tmp_path)[-1])
     assert set(saved["state"]) == {"model", "optimizer", "task_rng", "tasks"}
-    assert not set(json.loads(saved["config"])["meta"]) & set(trainer.LATER_FIELDS)  # older checkpoints resume
+    assert set(json.loads(saved["config"])["meta"]) <= set(FIRST_FIELDS)  # so older checkpoints resume
 
 
 # Validation --------------------------------------------------------------------------------------------------------

@@ -118,3 +118,40 @@ def test_meta_train_runs_on_cuda(mnist):
     config = ma.MetaConfig(tasks_per_batch=2, support_size=16, query_size=16, steps=2, device="cuda")
     result = ma.meta_train(SmallCNN(), train, ma.AttackDistribution(TASKS), config, progress=False)
     assert next(result.model.parameters()).is_cuda
+
+
+def test_with_every_option_at_its_default_meta_train_is_plain_maml_bit_for_bit():
+    """The meta-step written out by hand from the public pieces (seeded data order and task sampler, one attack
+    call per task on its support and query digits against the meta-parameters, second-order ``adapt`` on scratch
+    BatchNorm statistics, the query pass updating the model's, the mean over tasks, Adam) gives the very bits
+    ``meta_train`` gives with a default MetaConfig."""
+    x, y = ma.data.to_tensors(ma.data.load("mnist5k")[0], 256)
+    config = ma.MetaConfig(tasks_per_batch=2, support_size=8, query_size=8, steps=3, device="cpu")
+    torch.manual_seed(0)
+    trained = ma.meta_train(SmallCNN(hidden=16), (x, y), ma.AttackDistribution(TASKS, seed=0), config, progress=False)
+
+    torch.manual_seed(0)
+    model = SmallCNN(hidden=16).train()
+    params, buffers = ma.functional.state(model)
+    optimizer = torch.optim.Adam(params.values(), lr=config.outer_lr)
+    tasks, sampler = ma.AttackDistribution(TASKS, seed=0), torch.Generator().manual_seed(config.seed + 1)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(config.seed))
+    torch.manual_seed(config.seed)  # the attacks' random starts
+    for i in range(config.steps):
+        idx = order[i * config.examples_per_step : (i + 1) * config.examples_per_step]
+        batch = tasks.sample(2, replace=False, generator=sampler)
+        chunks = ma.tasks.split_support_query(x[idx], y[idx], 2, 8, 8)
+        target = ma.functional.model_fn(model, params, buffers)  # every attack targets the meta-parameters
+        advs = [
+            t(target, torch.cat([xs, xq]), torch.cat([ys, yq]))
+            for t, (xs, ys, xq, yq) in zip(batch, chunks, strict=True)
+        ]
+        losses = []
+        for adv, (_, ys, _, yq) in zip(advs, chunks, strict=True):
+            adapted = ma.adapt(model, adv[:8], ys, params=params, steps=1, lr=config.inner_lr)
+            losses.append(torch.nn.functional.cross_entropy(ma.functional.call(model, adapted, buffers, adv[8:]), yq))
+        optimizer.zero_grad()
+        torch.stack(losses).mean().backward()
+        optimizer.step()
+    for k, v in model.state_dict().items():
+        assert torch.equal(trained.model.state_dict()[k], v), k

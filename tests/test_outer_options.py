@@ -5,19 +5,20 @@ The attention network itself is specified in tests/test_attention.py; here it is
 """
 
 import copy
+import dataclasses
 import json
 
 import pytest
 import torch
 
 import metaadv as ma
-import metaadv.trainer as trainer
 from metaadv import checkpoint as ckpt
-from metaadv.attention import TaskAttention
 from metaadv.functional import state
 from metaadv.meta import meta_batch_loss
+from metaadv.meta.options.attention import TaskAttention
+from metaadv.meta.options.task_bn import TaskBatchNorm
+from metaadv.meta.train import FIRST_FIELDS
 from metaadv.models import SmallCNN
-from metaadv.task_bn import TaskBatchNorm
 from metaadv.tasks import AttackTask
 
 
@@ -44,7 +45,7 @@ def test_attention_weights_are_logged_per_task_and_sum_to_one():
     assert result.history[0]["task_weights"] == [0.5, 0.5]  # a fresh network is uniform: plain MAML's first step
     assert isinstance(result.attention, TaskAttention) and not result.attention.training
     plain = tiny_run(["fgsm(eps=0.3)", "pgd_linf(eps=0.3, steps=2)"], steps=1)
-    assert "task_weights" not in plain.history[0] and plain.attention is None
+    assert "task_weights" not in plain.history[0] and "attention" not in plain.artifacts
 
 
 def test_a_much_harder_attack_type_gets_more_weight(erm_model):
@@ -75,7 +76,7 @@ def test_attention_changes_training_and_a_resume_keeps_its_state(tmp_path):
         assert torch.equal(resumed.attention.state_dict()[k], v), k
     for k, v in whole.model.state_dict().items():
         assert torch.equal(resumed.model.state_dict()[k], v), k
-    assert {"task_attention", "attention_entropy", "attention_lr"} <= set(trainer.LATER_FIELDS)
+    assert not {"task_attention", "attention_entropy", "attention_lr"} & set(FIRST_FIELDS)  # recorded when set
 
 
 # Per-task BatchNorm statistics ---------------------------------------------------------------------------------------
@@ -107,7 +108,8 @@ def test_a_step_updates_only_the_sampled_types_statistics(erm_model):
     store = TaskBatchNorm(model, buffers, ["none", "noise"])
     x, y = ma.data.to_tensors(ma.data.load("mnist5k")[0], 32)
     cfg = ma.MetaConfig(tasks_per_batch=1, support_size=16, query_size=16)
-    meta_batch_loss(model, params, buffers, [AttackTask(ma.attacks.make("none"), 0)], x, y, cfg, task_bn=store)
+    meta_batch_loss(model, params, buffers, [AttackTask(ma.attacks.make("none"), 0)], x, y,
+                    dataclasses.replace(cfg, task_bn=True), options=[store])  # fmt: skip
     assert all(torch.equal(v, shared[k]) for k, v in bn_stats(store.stats[1]).items())  # not sampled: no leak
     assert all(not torch.equal(v, shared[k]) for k, v in bn_stats(store.stats[0]).items() if "mean" in k)
     # The inner loop never touches running statistics: the meta statistics move only by the query pass,

@@ -9,8 +9,8 @@ from metaadv import checkpoint as ckpt
 from metaadv.attacks import make
 from metaadv.functional import state
 from metaadv.meta import craft_task_sets
+from metaadv.meta.options.reuse import AdversarialPool
 from metaadv.models import SmallCNN
-from metaadv.reuse import AdversarialPool
 from metaadv.tasks import AttackTask
 
 SPECS = ["fgsm(eps=0.3)", "pgd_linf(eps=0.3, steps=2)"]
@@ -63,10 +63,10 @@ def test_a_reused_step_trains_on_the_stored_sets_not_on_its_own_batch():
     cfg = ma.MetaConfig(tasks_per_batch=2, support_size=4, query_size=4, reuse_every=2)
     tasks = [AttackTask(make(s), i) for i, s in enumerate(SPECS)]
     pool = AdversarialPool(2)
-    first = craft_task_sets(model, params, buffers, tasks, x[:16], y[:16], cfg, pool=pool, step=0)
-    again = craft_task_sets(model, params, buffers, tasks, x[16:32], y[16:32], cfg, pool=pool, step=1)
+    first = craft_task_sets(model, params, buffers, tasks, x[:16], y[:16], cfg, options=[pool], step=0)
+    again = craft_task_sets(model, params, buffers, tasks, x[16:32], y[16:32], cfg, options=[pool], step=1)
     assert all(a is b for a, b in zip(first, again, strict=True))  # the very sets of step 0
-    fresh = craft_task_sets(model, params, buffers, tasks, x[16:32], y[16:32], cfg, pool=pool, step=2)
+    fresh = craft_task_sets(model, params, buffers, tasks, x[16:32], y[16:32], cfg, options=[pool], step=2)
     assert torch.equal(fresh[0].query_clean, x[20:24])  # step 2: crafted from its own batch again
     assert all(pool.fresh((i, 0), 2) is s for i, s in enumerate(fresh))
 
@@ -132,8 +132,8 @@ def test_one_type_sampled_several_times_keeps_one_pool_entry_per_occurrence():
     cfg = ma.MetaConfig(tasks_per_batch=3, support_size=4, query_size=4, reuse_every=2)
     tasks = [AttackTask(make(SPECS[0]), 0)] * 3
     pool = AdversarialPool(2)
-    first = craft_task_sets(model, params, buffers, tasks, x[:24], y[:24], cfg, pool=pool, step=0)
-    again = craft_task_sets(model, params, buffers, tasks, x[24:48], y[24:48], cfg, pool=pool, step=1)
+    first = craft_task_sets(model, params, buffers, tasks, x[:24], y[:24], cfg, options=[pool], step=0)
+    again = craft_task_sets(model, params, buffers, tasks, x[24:48], y[24:48], cfg, options=[pool], step=1)
     assert AdversarialPool.keys([0, 1, 0, 0]) == [(0, 0), (1, 0), (0, 1), (0, 2)]
     assert [s.query_clean.data_ptr() for s in again] == [s.query_clean.data_ptr() for s in first]  # three sets
     assert len({s.query_clean.data_ptr() for s in again}) == 3

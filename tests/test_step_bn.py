@@ -4,20 +4,20 @@ Set k of the K + 1 sets holds the running statistics of the forward passes at th
 the support pass of step k (k < K), the query pass (k = K). Set 0 is the model's own buffers.
 """
 
-import dataclasses
 import importlib
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import Poisonable, PoisonedTasks
 
 import metaadv as ma
-import metaadv.trainer as trainer
 from metaadv import checkpoint as ckpt
 from metaadv.functional import call, clone_buffers, state
-from metaadv.meta import TaskSets, _query_loss, task_losses
+from metaadv.meta import TaskSets, meta_batch_loss, query_loss, task_losses
+from metaadv.meta.options.step_bn import StepBatchNorm
+from metaadv.meta.train import FIRST_FIELDS
 from metaadv.models import SmallCNN
-from metaadv.step_bn import StepBatchNorm
 from metaadv.tasks import AttackTask
 
 TWO_TYPES = ["none", "noise(eps=0.5)"]  # no gradient in the attacks: cheap
@@ -67,12 +67,12 @@ def test_without_per_step_bn_the_loss_stage_is_plain_maml_bit_for_bit():
     model, tasks, sets = one_task()
     params, buffers = state(model)
     start = clone_buffers(buffers)
-    loss, query_loss, _ = task_losses(model, params, buffers, tasks, sets, config())
+    loss, q_loss, _ = task_losses(model, params, buffers, tasks, sets, config())
     s = sets[0]
     ref_buffers = clone_buffers(start)
     adapted = ma.adapt(model, s.support, s.support_y, params=params, steps=2, lr=LR)
-    ref_loss, ref_query_loss, _ = _query_loss(model, adapted, ref_buffers, s.query, s.query_clean, s.query_y, 0.0)
-    assert torch.equal(loss[0], ref_loss) and torch.equal(query_loss[0], ref_query_loss)
+    ref_loss, ref_query_loss, _ = query_loss(model, adapted, ref_buffers, s.query, s.query_clean, s.query_y, 0.0)
+    assert torch.equal(loss[0], ref_loss) and torch.equal(q_loss[0], ref_query_loss)
     assert equal(buffers, ref_buffers)
 
 
@@ -81,7 +81,7 @@ def test_set_k_holds_the_statistics_of_the_passes_at_theta_k_and_the_loss_is_unc
     params, buffers = state(model)
     start = clone_buffers(buffers)
     step_bn = StepBatchNorm(model, buffers, 2)
-    loss, _, _ = task_losses(model, params, buffers, tasks, sets, config(per_step_bn=True), step_bn=step_bn)
+    loss, _, _ = task_losses(model, params, buffers, tasks, sets, config(per_step_bn=True), options=[step_bn])
 
     # By hand: the iterates theta^(0..2), each set a fresh copy of the start updated by one pass at its iterate.
     s = sets[0]
@@ -104,14 +104,14 @@ def test_set_k_holds_the_statistics_of_the_passes_at_theta_k_and_the_loss_is_unc
 def test_the_step_statistics_go_with_per_step_bn_and_only_with_it():
     model, tasks, sets = one_task()
     params, buffers = state(model)
-    with pytest.raises(ValueError, match="step_bn must be a StepBatchNorm for inner_steps=2"):
-        task_losses(model, params, buffers, tasks, sets, config(per_step_bn=True))
-    with pytest.raises(ValueError, match="step_bn"):
-        task_losses(model, params, buffers, tasks, sets, config(), step_bn=StepBatchNorm(model, buffers, 2))
-    with pytest.raises(ValueError, match="step_bn"):  # sets for another K
-        task_losses(
-            model, params, buffers, tasks, sets, config(per_step_bn=True), step_bn=StepBatchNorm(model, buffers, 1)
-        )
+    x, y = torch.cat([sets[0].support, sets[0].query]), torch.cat([sets[0].support_y, sets[0].query_y])
+    with pytest.raises(ValueError, match="StepBatchNorm \\(per_step_bn\\)"):  # the option is on: its statistics needed
+        meta_batch_loss(model, params, buffers, tasks, x, y, config(per_step_bn=True))
+    with pytest.raises(ValueError, match="StepBatchNorm"):  # the option is off: no statistics
+        meta_batch_loss(model, params, buffers, tasks, x, y, config(), options=[StepBatchNorm(model, buffers, 2)])
+    with pytest.raises(ValueError, match="step_bn holds statistics for 1 inner steps"):  # sets for another K
+        task_losses(model, params, buffers, tasks, sets, config(per_step_bn=True),
+                    options=[StepBatchNorm(model, buffers, 1)])  # fmt: skip
     with pytest.raises(ValueError, match="no BatchNorm layer"):
         StepBatchNorm(SmallCNN(batch_norm=False, hidden=16), {}, 2)
 
@@ -136,26 +136,25 @@ def test_adapt_takes_one_buffer_dict_per_inner_step():
 def test_meta_train_keeps_three_distinct_sets_and_the_same_parameters():
     plain = tiny_run()
     result = tiny_run(per_step_bn=True)
-    assert plain.step_bn is None and result.step_bn.steps == 2
+    assert "step_bn" not in plain.artifacts and result.step_bn.steps == 2
     sets = result.step_bn.sets(dict(result.model.named_buffers()))
     assert differ(sets[0], sets[1]) and differ(sets[1], sets[2]) and differ(sets[0], sets[2])
     for k, v in plain.model.named_parameters():  # which statistics are kept changes, the meta-gradient does not
         assert torch.equal(dict(result.model.named_parameters())[k], v), k
     assert differ(dict(plain.model.named_buffers()), sets[0])  # set 0: at theta, not at theta^(K)
-    assert "per_step_bn" in trainer.LATER_FIELDS
+    assert "per_step_bn" not in FIRST_FIELDS  # recorded in checkpoints only when on
 
 
-def test_a_skipped_step_leaves_the_sets_unchanged(monkeypatch):
-    after_one = tiny_run(steps=1, per_step_bn=True)
-    real, calls = trainer.meta_batch_loss, []
+def test_a_skipped_step_leaves_the_sets_unchanged():
+    def poisoned_run(steps, bad):  # step 2 sees NaN inputs: every set moves to NaN, then the step is skipped
+        x, y = ma.data.to_tensors(ma.data.load("mnist5k")[0], 128)
+        torch.manual_seed(0)
+        model = Poisonable()
+        cfg = ma.MetaConfig(tasks_per_batch=2, support_size=8, query_size=8, inner_steps=2, inner_lr=LR, steps=steps,
+                            per_step_bn=True)  # fmt: skip
+        return ma.meta_train(model, (x, y), PoisonedTasks(TWO_TYPES, model, bad, seed=0), cfg, progress=False)
 
-    def nan_on_step_two(*args, **kwargs):  # the real step (the sets move), then a NaN loss: the step is skipped
-        out = real(*args, **kwargs)
-        calls.append(None)
-        return dataclasses.replace(out, loss=out.loss * float("nan")) if len(calls) == 2 else out
-
-    monkeypatch.setattr(trainer, "meta_batch_loss", nan_on_step_two)
-    result = tiny_run(steps=2, per_step_bn=True)
+    after_one, result = poisoned_run(1, set()), poisoned_run(2, {2})
     assert [r["skipped"] for r in result.history] == [False, True]
     for mine, theirs in zip(result.step_bn.stats, after_one.step_bn.stats, strict=True):
         assert all(torch.equal(v, theirs[k]) for k, v in mine.items())

@@ -29,7 +29,7 @@ from .resume import Checkpointing, Progress, resume_into, save
 from .signals import StopOnSignal
 from .state import Stateful, restore, snapshot
 
-__all__ = ["NonFiniteLossError", "StepFn", "StepOutput", "Trainable", "TrainResult", "TrainingInterrupted", "fit"]
+__all__ = ["NonFiniteLossError", "StepFn", "StepOutput", "TrainResult", "Trainable", "TrainingInterrupted", "fit"]
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,8 @@ def fit(
 
 
 def _loop(trainable: Trainable, x: Tensor, y: Tensor, step: StepFn, loop: LoopConfig, run: Progress, total: int,
-          per_epoch: int, checkpointing: Checkpointing, state: Mapping[str, Any], progress: bool, desc: str) -> None:  # fmt: skip
+          per_epoch: int, checkpointing: Checkpointing, state: Mapping[str, Any], progress: bool,
+          desc: str) -> None:  # fmt: skip
     """Steps ``run.done`` .. ``total - 1``; on return ``run.elapsed_before`` holds the run's whole wall-clock."""
     main, start, first = distributed.is_main(), time.perf_counter(), run.elapsed_before
     env = ckpt.environment() if checkpointing.directory is not None else {}

@@ -4,8 +4,8 @@ and finding, checking and loading one to resume from."""
 from __future__ import annotations
 
 import json
-import os
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,8 +67,14 @@ class Progress:
     def payload(self, state: Mapping[str, Any], elapsed: float, env: Mapping[str, Any]) -> dict[str, Any]:
         return {
             "state": {name: obj.state_dict() for name, obj in state.items()},
-            "loop": {"order": self.order, "generator": self.generator.get_state(), "bad_streak": self.bad_streak,
-                     "bad_total": self.bad_total, "elapsed": elapsed, **self.identity},  # fmt: skip
+            "loop": {
+                "order": self.order,
+                "generator": self.generator.get_state(),
+                "bad_streak": self.bad_streak,
+                "bad_total": self.bad_total,
+                "elapsed": elapsed,
+                **self.identity,
+            },
             "history": "\n".join(self.history_lines),
             "config": json.dumps(self.config),
             "environment": json.dumps(env),

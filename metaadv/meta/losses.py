@@ -17,6 +17,7 @@ from ..functional import Params, call, clone_buffers, model_fn
 from ..tasks import AttackTask
 from .craft import attack_precision
 from .inner import adapt, adapt_tasks
+from .options import check_given
 from .options.base import InnerLoop, MetaOption
 from .sets import TaskSets
 
@@ -52,6 +53,7 @@ def task_losses(
     vmap) and the running-statistics updates applied after the vmapped query pass, task by task. Equal to
     the looped stage up to float rounding.
     """
+    check_given(config, options)
     settings = {"steps": config.inner_steps, "lr": config.inner_lr, "first_order": config.first_order_at(step),
                 "inner_params": config.inner_params, "proximal": config.proximal}  # fmt: skip
     loop = InnerLoop(settings, buffers, buffers, buffers)

@@ -18,12 +18,13 @@ from torch.utils.data import Dataset
 from .. import checkpoint as ckpt
 from .. import distributed
 from ..config import MetaConfig
-from ..engine import StepOutput, Trainable, TrainResult, fit
+from ..engine import StepFn, StepOutput, Trainable, TrainResult, fit
 from ..engine.resume import Checkpointing
 from ..engine.setup import deterministic_algorithms, make_optimizer, resolve_device, training_tensors
 from ..functional import state
 from ..tasks import AttackDistribution
 from . import options as meta_options
+from .options.base import MetaOption
 from .step import meta_batch_loss
 
 __all__ = ["FIRST_FIELDS", "RESUMABLE_CHANGES", "meta_train"]
@@ -109,8 +110,8 @@ def meta_train(
     )  # fmt: skip
     step = _meta_step(model, tasks, config, options, task_rng, rank, world)
     with deterministic_algorithms(config.deterministic):
-        result = fit(trainable, x, y, step, config.loop, checkpointing=checkpointing, config=_identity(config, tasks, model),
-                     progress=progress, desc="meta-train")  # fmt: skip
+        result = fit(trainable, x, y, step, config.loop, checkpointing=checkpointing,
+                     config=_identity(config, tasks, model), progress=progress, desc="meta-train")  # fmt: skip
     result.artifacts = {o.artifact_name: o.artifact() for o in options if o.artifact_name is not None}
     return result
 
@@ -131,8 +132,8 @@ def _checked(model: Any, tasks: Any, config: MetaConfig | None) -> MetaConfig:
     return config
 
 
-def _meta_step(model: nn.Module, tasks: AttackDistribution, config: MetaConfig, options: list, task_rng: torch.Generator,
-               rank: int, world: int):  # fmt: skip
+def _meta_step(model: nn.Module, tasks: AttackDistribution, config: MetaConfig, options: list[MetaOption],
+               task_rng: torch.Generator, rank: int, world: int) -> StepFn:  # fmt: skip
     """The step the engine runs: sample a meta-batch, this rank's share of its meta-loss, the record."""
     params, buffers = state(model)
     mine = distributed.shard(config.tasks_per_batch, rank, world)  # this rank's tasks of every meta-batch
@@ -141,9 +142,9 @@ def _meta_step(model: nn.Module, tasks: AttackDistribution, config: MetaConfig, 
 
     def step(xb: Tensor, yb: Tensor, index: int) -> StepOutput:
         batch = tasks.sample(config.tasks_per_batch, replace=config.sample_replace, generator=task_rng)
-        if config.first_order_until and index == config.first_order_until and not config.first_order:
-            if distributed.is_main():
-                log.info("meta-step %d: switching from first-order to second-order meta-gradients", index + 1)
+        switch = config.first_order_until and index == config.first_order_until and not config.first_order
+        if switch and distributed.is_main():
+            log.info("meta-step %d: switching from first-order to second-order meta-gradients", index + 1)
         out = meta_batch_loss(model, params, buffers, batch[mine], xb[rows], yb[rows], config, options=options,
                               step=index)  # fmt: skip
         query = distributed.gather_tasks(torch.stack([out.query_loss, out.query_acc]))  # (2, all tasks)

@@ -237,7 +237,8 @@ class AttentionOption(MetaOption):
         return self.attention.eval()
 
     def aggregate(self, model: nn.Module, params: Params, buffers: Params, tasks: Sequence[AttackTask],
-                  sets: Sequence[TaskSets], losses: Tensor, query_loss: Tensor, query_acc: Tensor) -> Aggregate:  # fmt: skip
+                  sets: Sequence[TaskSets], losses: Tensor, query_loss: Tensor,
+                  query_acc: Tensor) -> Aggregate:  # fmt: skip
         stats = _attention_statistics(model, params, buffers, sets, query_loss, query_acc)
         if bool(torch.isfinite(stats).all()):
             types = torch.tensor([t.type_index for t in tasks], device=stats.device)

@@ -87,7 +87,9 @@ class MetaOption:
     def refusal(cls, config: Any, world: int) -> str | None:
         """Why this option cannot run with ``config`` on ``world`` processes (None: it can)."""
         if config.batched and not cls.batched:
-            return f"MetaConfig.{cls.field}={getattr(config, cls.field)!r} needs the looped meta-step: set batched=False"
+            return (
+                f"MetaConfig.{cls.field}={getattr(config, cls.field)!r} needs the looped meta-step: set batched=False"
+            )
         if world > 1 and not cls.distributed:
             return (f"MetaConfig.{cls.field}={getattr(config, cls.field)!r} is not supported under torchrun (it needs "
                     "every rank's tasks and state); use one process")  # fmt: skip
@@ -140,14 +142,17 @@ class MetaOption:
     def inner_loop(self, loop: InnerLoop) -> InnerLoop:
         return loop
 
-    def task_loop(self, model: nn.Module, params: Params, task: AttackTask, sets: TaskSets, loop: InnerLoop) -> InnerLoop:
+    def task_loop(
+        self, model: nn.Module, params: Params, task: AttackTask, sets: TaskSets, loop: InnerLoop
+    ) -> InnerLoop:
         return loop
 
     def observe(self, model: nn.Module, params: Params, tasks: Sequence[AttackTask], sets: Sequence[TaskSets]) -> None:
         """The meta-step's sets, at the meta-parameters (before the update)."""
 
     def aggregate(self, model: nn.Module, params: Params, buffers: Params, tasks: Sequence[AttackTask],
-                  sets: Sequence[TaskSets], losses: Tensor, query_loss: Tensor, query_acc: Tensor) -> Aggregate | None:  # fmt: skip
+                  sets: Sequence[TaskSets], losses: Tensor, query_loss: Tensor,
+                  query_acc: Tensor) -> Aggregate | None:  # fmt: skip
         return None
 
     def record(self) -> dict[str, Any]:

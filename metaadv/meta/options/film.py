@@ -229,14 +229,23 @@ class TaskEncoding(MetaOption):
     def attack_target(self, model: nn.Module, params: Params, buffers: Params, task: AttackTask) -> ModelFn | None:
         if self.encoding != "type":
             return None
-        return model_fn(model, params, with_code(buffers, task_code(model, params, type_index=task.type_index).detach()))
+        return model_fn(
+            model, params, with_code(buffers, task_code(model, params, type_index=task.type_index).detach())
+        )
 
-    def task_loop(self, model: nn.Module, params: Params, task: AttackTask, sets: TaskSets, loop: InnerLoop) -> InnerLoop:
+    def task_loop(
+        self, model: nn.Module, params: Params, task: AttackTask, sets: TaskSets, loop: InnerLoop
+    ) -> InnerLoop:
         if self.encoding == "type":
             code = task_code(model, params, type_index=task.type_index)
         else:
             code = task_code(model, params, support_adv=sets.support, support_clean=sets.support_clean)
-        steps = loop.settings.get("buffers")
-        coded = [with_code(b, code) for b in steps] if steps is not None else with_code(clone_buffers(loop.buffers), code)
-        return loop.replace(settings={**loop.settings, "buffers": coded}, query_buffers=with_code(loop.query_buffers, code),
-                            attack_buffers=with_code(loop.attack_buffers, code.detach()))  # fmt: skip
+        steps = loop.settings.get("buffers")  # per-step statistics, or scratch copies of the model's
+        coded = (
+            [with_code(b, code) for b in steps] if steps is not None else with_code(clone_buffers(loop.buffers), code)
+        )
+        return loop.replace(
+            settings={**loop.settings, "buffers": coded},
+            query_buffers=with_code(loop.query_buffers, code),
+            attack_buffers=with_code(loop.attack_buffers, code.detach()),
+        )

@@ -68,7 +68,9 @@ class TaskBatchNorm(MetaOption):
     def observe(self, model: nn.Module, params: Params, tasks: Sequence[AttackTask], sets: Sequence[TaskSets]) -> None:
         """Each task's support and query examples update its type's statistics, at the meta-parameters."""
         for task, s in zip(tasks, sets, strict=True):
-            self.update(model, params, task.type_index, s.support if s.query is None else torch.cat([s.support, s.query]))
+            self.update(
+                model, params, task.type_index, s.support if s.query is None else torch.cat([s.support, s.query])
+            )
 
     def artifact(self) -> TaskBatchNorm:
         return self
