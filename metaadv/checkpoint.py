@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .validation import check_int
+
 __all__ = [
     "CheckpointError",
     "CheckpointWarning",
@@ -145,10 +147,8 @@ def save_checkpoint(directory: str | Path, payload: Mapping[str, Any], *, step: 
     The payload may hold tensors, numbers, strings, ``None`` and lists/tuples/dicts of them (what
     ``state_dict()`` methods return); anything else would be refused when loading, so it is refused here.
     """
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"step must be an integer >= 0, got {step!r}")
-    if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
-        raise ValueError(f"keep_last must be an integer >= 1, got {keep_last!r}")
+    check_int(step, "step", minimum=0)
+    check_int(keep_last, "keep_last")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"ckpt-{step:08d}.pt"

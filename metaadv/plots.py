@@ -15,7 +15,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from .evaluate import RobustnessReport
+from .eval import RobustnessReport
 
 __all__ = ["PALETTE", "plot_task_weights", "robustness_bars", "training_curves"]
 

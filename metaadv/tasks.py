@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .attacks import Attack, make
+from .validation import check_int
 
 __all__ = ["AttackDistribution", "AttackTask", "split_support_query"]
 
@@ -123,8 +124,7 @@ class AttackDistribution:
         Without replacement, ``n`` may not exceed the number of types with non-zero weight.
         ``generator`` overrides the distribution's own (``meta_train`` passes its seeded one).
         """
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n (tasks per meta-batch) must be a positive integer, got {n!r}")
+        check_int(n, "n", meaning="tasks per meta-batch")
         available = int((self.weights > 0).sum())
         if not replace and n > available:
             raise ValueError(f"cannot sample {n} distinct tasks from {available} attack types; use replace=True")

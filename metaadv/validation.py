@@ -53,6 +53,18 @@ def check_logits(logits: object, batch: int, name: str = "model output") -> Tens
     return logits
 
 
+def is_int(value: object) -> bool:
+    """An ``int`` that is not a ``bool``."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_int(value: object, name: str, minimum: int = 1, meaning: str = "") -> None:
+    """Raise ValueError unless ``value`` is an integer >= ``minimum`` (``meaning``: what it counts, for the message)."""
+    if not is_int(value) or value < minimum:  # type: ignore[operator]
+        what = f" ({meaning})" if meaning else ""
+        raise ValueError(f"{name} must be an integer >= {minimum}{what}, got {value!r}")
+
+
 def check_positive(value: object, name: str, *, allow_zero: bool = False, integer: bool = False) -> None:
     """Raise ValueError/TypeError unless ``value`` is a positive (or non-negative) number."""
     kinds = (int,) if integer else (int, float)

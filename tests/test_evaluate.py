@@ -14,7 +14,7 @@ from torch import nn
 
 from metaadv.attacks import make
 from metaadv.data import TensorDataset
-from metaadv.evaluate import RobustnessReport, _support_bn_buffers, evaluate
+from metaadv.eval import RobustnessReport, evaluate, support_bn_statistics
 from metaadv.models import SmallCNN
 
 K, N, SIDE = 4, 40, 8  # classes, examples, image side
@@ -222,12 +222,12 @@ def test_support_bn_buffers_equal_support_statistics_and_mix_with_momentum():
     h = model[0](x).detach()
     mean, var = h.mean((0, 2, 3)), h.transpose(0, 1).flatten(1).var(1)  # unbiased, as BatchNorm keeps
 
-    new = _support_bn_buffers(model, params, buffers, x, None, batch_size=12)
+    new = support_bn_statistics(model, params, buffers, x, None, batch_size=12)
     torch.testing.assert_close(new["1.running_mean"], mean)
     torch.testing.assert_close(new["1.running_var"], var)
-    two = _support_bn_buffers(model, params, buffers, x, None, batch_size=6)  # cumulative average of batches
+    two = support_bn_statistics(model, params, buffers, x, None, batch_size=6)  # cumulative average of batches
     torch.testing.assert_close(two["1.running_mean"], mean)
-    mixed = _support_bn_buffers(model, params, buffers, x, 0.25, batch_size=12)
+    mixed = support_bn_statistics(model, params, buffers, x, 0.25, batch_size=12)
     torch.testing.assert_close(mixed["1.running_mean"], 0.75 * 0.5 + 0.25 * mean)
     torch.testing.assert_close(mixed["1.running_var"], 0.75 * 2.0 + 0.25 * var)
     assert all(torch.equal(before[k], v) for k, v in model.named_buffers())
@@ -288,7 +288,7 @@ def make_report() -> RobustnessReport:
 
 
 def test_json_round_trip_and_markdown(caplog, capsys):
-    with caplog.at_level(logging.INFO, logger="metaadv.evaluate"):
+    with caplog.at_level(logging.INFO, logger="metaadv.eval"):
         report = make_report()
     assert any("sgd@8" in r.getMessage() for r in caplog.records)
     assert capsys.readouterr().out == ""  # logging and a tqdm bar on stderr, never print

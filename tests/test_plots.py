@@ -7,7 +7,7 @@ import pytest
 from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 
-from metaadv.evaluate import RobustnessReport
+from metaadv.eval import RobustnessReport
 from metaadv.plots import plot_task_weights, robustness_bars, training_curves
 
 SPECS = ("fgsm(eps=0.3)", "pgd_linf(eps=0.3, steps=10)", "pgd_l2(eps=2.0, steps=10)")

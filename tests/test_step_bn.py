@@ -238,7 +238,7 @@ def test_adapt_params_head_changes_only_the_head_and_the_options_reach_adapt(tra
         seen.append((kwargs, kwargs["params"], theta))
         return theta
 
-    monkeypatch.setattr(importlib.import_module("metaadv.evaluate"), "adapt", spy)
+    monkeypatch.setattr(importlib.import_module("metaadv.eval.adaptation"), "adapt", spy)
     out = report(trained, mnist5k, adapt_params="head", adapt_proximal=0.5, adapt_lr=0.1, adapt_methods=("sgd",))
     [(kwargs, params, theta)] = seen
     assert kwargs["inner_params"] == "head" and kwargs["proximal"] == 0.5

@@ -17,19 +17,17 @@ very model being attacked, so evaluation stays white-box and adaptive), then ret
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..types import ModelFn
 from .norms import per_example
 from .registry import register
 
 __all__ = ["GeneratorAttack", "PerturbationGenerator", "generator", "margin_loss"]
-
-ModelFn = Callable[[Tensor], Tensor]
 
 
 class PerturbationGenerator(nn.Module):

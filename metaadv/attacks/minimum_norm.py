@@ -6,17 +6,14 @@ with ``eps`` given, the result stays in the L2 ball of radius eps (a float or a 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
+from ..types import ModelFn
 from .norms import NORMS, per_example
 from .registry import register
 
 __all__ = ["cw_l2", "deepfool"]
-
-ModelFn = Callable[[Tensor], Tensor]
 
 
 @register("cw_l2", norm="l2")

@@ -8,19 +8,16 @@ step of every norm from the current perturbation, projects each candidate onto i
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..types import ModelFn
 from .norms import L1, NORMS, LpNorm, per_example
 from .registry import positive, register
 from .steepest import _sparsity
 
 __all__ = ["msd"]
-
-ModelFn = Callable[[Tensor], Tensor]
 
 
 def _balls(

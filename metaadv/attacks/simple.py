@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Literal
 
 from torch import Tensor
 
+from ..types import ModelFn
 from .norms import NORMS, per_example
 from .registry import register
 
 __all__ = ["noise", "none"]
-
-ModelFn = Callable[[Tensor], Tensor]
 
 
 @register("none", norm=None)

@@ -12,18 +12,18 @@ import contextlib
 import dataclasses
 import math
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ..types import ModelFn
 from ..validation import check_images, check_labels, check_logits
 from .registry import AttackEntry, lookup
 
 __all__ = ["Attack", "ModelFn", "group_by_batch_key", "make", "parse", "run_grouped"]
 
-ModelFn = Callable[[Tensor], Tensor]  # images (B, C, H, W) in [0, 1] -> logits (B, K)
 
 _MAX_SPEC_CHARS = 1000
 _MAX_INT = 2**62

@@ -7,19 +7,18 @@ float or a per-example tensor of shape (B,); defaults that depend on eps scale p
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..types import ModelFn
+from ..validation import check_int
 from .norms import L0, L1, NORMS, LpNorm, per_example
 from .registry import register
 
 __all__ = ["fgsm", "fgsm_rs", "l0", "mifgsm", "pgd_l1", "pgd_l2", "pgd_linf", "steepest_ascent"]
-
-ModelFn = Callable[[Tensor], Tensor]
 
 
 @torch.enable_grad()
@@ -218,8 +217,7 @@ def mifgsm(
 
 
 def _pixels(label: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{label} must be an integer >= 1 (pixels allowed to change), got {value!r}")
+    check_int(value, label, meaning="pixels allowed to change")
 
 
 @register("l0", norm=None, checks={"k": _pixels})

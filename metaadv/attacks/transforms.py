@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..types import ModelFn
 from .registry import register
 
 __all__ = ["box_ascent", "color", "color_transform", "spatial", "spatial_grid", "spatial_transform"]
 
-ModelFn = Callable[[Tensor], Tensor]
 Transform = Callable[[Tensor, Tensor], Tensor]  # (x (B, C, H, W), phi (B, P)) -> images (B, C, H, W)
 
 

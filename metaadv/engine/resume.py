@@ -16,6 +16,7 @@ from torch import Tensor
 
 from .. import checkpoint as ckpt
 from .. import distributed
+from ..validation import check_int
 
 __all__ = ["Checkpointing", "Progress", "check_options", "resume_into", "save"]
 
@@ -36,9 +37,8 @@ class Checkpointing:
 
 
 def check_options(directory: Any, every: Any, keep_last: Any, resume: Any) -> None:
-    for name, value in (("checkpoint_every", every), ("keep_last", keep_last)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    check_int(every, "checkpoint_every")
+    check_int(keep_last, "keep_last")
     if not isinstance(resume, (bool, str, os.PathLike)):
         raise TypeError(f"resume must be True/False or a checkpoint file path, got {type(resume).__name__}")
     if resume is True and directory is None:

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from ...functional import Params, call, clone_buffers
 from ...tasks import AttackTask
+from ...validation import check_int
 from ..sets import TaskSets
 from .base import Aggregate, MetaOption, OptionSetup
 
@@ -107,9 +108,8 @@ class TaskAttention(nn.Module):
 
     def __init__(self, n_types: int, hidden: int = 16, entropy: float = 1.0) -> None:
         super().__init__()
-        for name, value in (("n_types", n_types), ("hidden", hidden)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"TaskAttention.{name} must be an integer >= 1, got {value!r}")
+        check_int(n_types, "TaskAttention.n_types")
+        check_int(hidden, "TaskAttention.hidden")
         ok = isinstance(entropy, (int, float)) and not isinstance(entropy, bool) and math.isfinite(entropy)
         if not ok or entropy <= 0:
             raise ValueError(f"TaskAttention.entropy (tau) must be a finite number > 0, got {entropy!r}")

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ...tasks import AttackTask
+from ...validation import check_int
 from ..sets import TaskSets
 from .base import MetaOption, OptionSetup
 
@@ -43,8 +44,7 @@ class AdversarialPool(MetaOption):
     field, name, distributed, volatile = "reuse_every", "adversarial_pool", False, True
 
     def __init__(self, every: int, device: torch.device | str = "cpu") -> None:
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"reuse_every must be an integer >= 1, got {every!r}")
+        check_int(every, "reuse_every")
         self.every, self.device = every, torch.device(device)
         self.entries: dict[Key, tuple[int, TaskSets]] = {}  # key -> (crafted at step, sets)
         self.last_crafted: list[bool] = []  # per task of the latest meta-step: attacked afresh

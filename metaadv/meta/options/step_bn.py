@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ...functional import Params, batchnorm_layers, clone_buffers
+from ...validation import check_int
 from .base import InnerLoop, MetaOption, OptionSetup
 
 __all__ = ["StepBatchNorm"]
@@ -44,8 +45,7 @@ class StepBatchNorm(MetaOption):
                 f"MetaConfig.per_step_bn keeps BatchNorm statistics per inner step, but {type(model).__name__} has "
                 "no BatchNorm layer tracking running statistics"
             )
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise ValueError(f"steps must be an integer >= 0 (the inner steps K), got {steps!r}")
+        check_int(steps, "steps", minimum=0, meaning="the inner steps K")
         self.stats: list[Params] = [clone_buffers(buffers) for _ in range(steps)]  # sets 1..K: all model buffers
 
     field, name, artifact_name, batched, distributed, volatile = "per_step_bn", "step_bn", "step_bn", False, False, True
