@@ -8,10 +8,12 @@ pass may update them is always visible at the call site.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 from torch import Tensor, nn
 from torch.func import functional_call
+
+from .types import ModelFn, Params
 
 __all__ = [
     "ModelFn",
@@ -25,9 +27,6 @@ __all__ = [
     "model_fn",
     "state",
 ]
-
-Params = dict[str, Tensor]
-ModelFn = Callable[[Tensor], Tensor]
 
 
 def state(model: nn.Module) -> tuple[Params, Params]:
