@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 
 import metaadv as ma
 from metaadv import cli
+from metaadv.attacks import registry
 from metaadv.data import TensorDataset
 from metaadv.engine import NonFiniteLossError, training_tensors
 from metaadv.models import SmallCNN
@@ -29,7 +30,7 @@ def data(n: int = 64):
     return torch.rand(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g)
 
 
-def poisoned_run(monkeypatch, steps: int, bad: set[int], specs: list[str] = SPECS, **config):
+def poisoned_run(steps: int, bad: set[int], specs: list[str] = SPECS, **config):
     """meta_train a fresh seeded Poisonable for ``steps`` meta-steps; the steps in ``bad`` (1-based) see NaN."""
     torch.manual_seed(0)
     model = Poisonable()
@@ -46,10 +47,10 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def test_nan_steps_are_skipped_counted_and_logged_without_touching_the_model(monkeypatch, caplog):
-    clean, _ = poisoned_run(monkeypatch, steps=1, bad=set())
+def test_nan_steps_are_skipped_counted_and_logged_without_touching_the_model(caplog):
+    clean, _ = poisoned_run(steps=1, bad=set())
     with caplog.at_level(logging.WARNING, logger="metaadv.engine.loop"):
-        model, result = poisoned_run(monkeypatch, steps=3, bad={2, 3})
+        model, result = poisoned_run(steps=3, bad={2, 3})
     # Steps 2 and 3 saw NaN everywhere: parameters, BatchNorm statistics and all are those after step 1.
     after = snapshot(model)
     for name, tensor in snapshot(clean).items():
@@ -64,10 +65,10 @@ def test_nan_steps_are_skipped_counted_and_logged_without_touching_the_model(mon
     assert any("step 3: non-finite" in m and "2 in a row, 2 in total" in m for m in messages)
 
 
-def test_a_skipped_step_undoes_the_persistent_generators_training_too(monkeypatch):
+def test_a_skipped_step_undoes_the_persistent_generators_training_too():
     specs, options = ["generator(eps=0.3, steps=2)"], {"persistent_generator": True}
-    _, clean = poisoned_run(monkeypatch, steps=1, bad=set(), specs=specs, **options)
-    _, result = poisoned_run(monkeypatch, steps=2, bad={2}, specs=specs, **options)
+    _, clean = poisoned_run(steps=1, bad=set(), specs=specs, **options)
+    _, result = poisoned_run(steps=2, bad={2}, specs=specs, **options)
     assert [r["skipped"] for r in result.history] == [False, True]
     after, expected = (r.generators.state_dict()["0"]["net"] for r in (result, clean))
     assert all(bool(torch.isfinite(t).all()) for t in after.values())  # the NaN step trained it on NaN
@@ -75,7 +76,7 @@ def test_a_skipped_step_undoes_the_persistent_generators_training_too(monkeypatc
         assert torch.equal(after[name], tensor), name
 
 
-def test_a_nan_gradient_with_a_finite_loss_is_skipped_too(monkeypatch):
+def test_a_nan_gradient_with_a_finite_loss_is_skipped_too():
     torch.manual_seed(0)
     model = SmallCNN(hidden=16)
     before = snapshot(model)
@@ -91,26 +92,30 @@ def test_a_nan_gradient_with_a_finite_loss_is_skipped_too(monkeypatch):
         assert torch.equal(after[name], before[name]), name
 
 
-def test_too_many_consecutive_bad_steps_stop_with_a_clear_error(monkeypatch):
+def test_too_many_consecutive_bad_steps_stop_with_a_clear_error():
     with pytest.raises(NonFiniteLossError, match=r"3 consecutive steps .*\(max_bad_steps=3\)") as info:
-        poisoned_run(monkeypatch, steps=10, bad=set(range(2, 11)), max_bad_steps=3)
+        poisoned_run(steps=10, bad=set(range(2, 11)), max_bad_steps=3)
     assert "parameters after step 1" in str(info.value) and "outer_lr" in str(info.value)
     assert [r["step"] for r in info.value.history] == [1, 2, 3, 4]
     assert isinstance(info.value, FloatingPointError)
 
 
-def test_isolated_bad_steps_do_not_stop_training(monkeypatch):
-    _, result = poisoned_run(monkeypatch, steps=6, bad={2, 4, 6}, max_bad_steps=2)
+def test_isolated_bad_steps_do_not_stop_training():
+    _, result = poisoned_run(steps=6, bad={2, 4, 6}, max_bad_steps=2)
     assert len(result.history) == 6 and result.history[-1]["bad_steps"] == 3
 
 
 def test_the_cli_reports_a_diverged_run_without_a_traceback(tmp_path, monkeypatch, capsys):
-    def always_nan(*args, **kwargs):
-        raise NonFiniteLossError("meta-train stopped at step 5: 5 consecutive steps had a non-finite loss", [])
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # the attack below is this test's only
 
-    monkeypatch.setattr(cli, "meta_train", always_nan)
+    @ma.attacks.register("nan_images", norm=None)
+    def nan_images(model_fn, x, y):
+        """Adversarial examples that are all NaN: every meta-step's loss is NaN."""
+        return x * float("nan")
+
     config = tmp_path / "run.yaml"
-    config.write_text("tasks: {specs: ['fgsm(eps=0.3)']}\nmodel: {name: SmallCNN, hidden: 8}\n")
+    meta = "{tasks_per_batch: 1, support_size: 4, query_size: 4, max_bad_steps: 2, device: cpu}"
+    config.write_text(f"tasks: {{specs: ['nan_images']}}\nmodel: {{name: SmallCNN, hidden: 8}}\nmeta: {meta}\n")
     assert cli.main(["train", "--config", str(config), "--out", str(tmp_path / "run"), "--quiet"]) == 1
     err = capsys.readouterr().err
     assert "non-finite" in err and "Traceback" not in err
@@ -256,14 +261,14 @@ def test_fuzzed_meta_configs_over_every_field_only_raise_documented_errors(field
         ma.MetaConfig.from_dict(fields)
 
 
-def test_sets_crafted_in_a_skipped_step_are_not_reused(monkeypatch):
+def test_sets_crafted_in_a_skipped_step_are_not_reused():
     # Step 1 is NaN and skipped: its sets must not enter the reuse pool, so step 2 crafts afresh.
-    _, result = poisoned_run(monkeypatch, steps=4, bad={1}, specs=["fgsm(eps=0.3)"], reuse_every=3)
+    _, result = poisoned_run(steps=4, bad={1}, specs=["fgsm(eps=0.3)"], reuse_every=3)
     assert [r["skipped"] for r in result.history] == [True, False, False, False]
     assert [r["crafted"] for r in result.history] == [[True], [True], [False], [False]]
 
 
-def test_the_model_is_back_in_eval_mode_when_training_raises(monkeypatch):
+def test_the_model_is_back_in_eval_mode_when_training_raises():
     torch.manual_seed(0)
     model = Poisonable()
     cfg = ma.MetaConfig(tasks_per_batch=1, support_size=8, query_size=8, steps=4, max_bad_steps=1)
