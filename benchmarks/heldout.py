@@ -34,22 +34,17 @@ import torch
 import yaml
 
 import metaadv as ma
-from metaadv.baselines import adversarial_train
+from metaadv.training_methods import get
+from metaadv.training_methods.meta import settings_of
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PROTOCOL = ROOT / "benchmarks" / "protocols" / "linf_heldout.yaml"
-BASELINE_ATTACKS = {  # method -> which protocol attacks it trains on
+BASELINE_ATTACKS = {  # baseline -> which protocol attacks it trains on; any other baseline: train_attacks
     "erm": lambda p: [],
     "pgd_at": lambda p: [p["pgd_at_attack"]],
     "fast_at": lambda p: [p["fast_at_attack"]],
     "trades": lambda p: [p["pgd_at_attack"]],
-    "avg": lambda p: p["train_attacks"],
-    "max": lambda p: p["train_attacks"],
-    "msd": lambda p: p["train_attacks"],
-    "sat": lambda p: p["train_attacks"],
-    "ramp": lambda p: p["train_attacks"],
 }
-META_METHODS = {"meta_fo": {"first_order": True}, "meta_so": {"first_order": False}}  # name -> MetaConfig changes
 QUICK = {"epochs": 1, "n_examples": 64, "sanity_examples": 48, "shots": [8], "train_examples": 512}
 
 
@@ -70,10 +65,34 @@ def load_protocol(path: Path, quick: bool) -> dict[str, Any]:
     protocol.setdefault("eval_batch_size", 256)
     for spec in specs:  # fail before any training on a typo
         ma.attacks.make(spec)
-    for name, options in protocol.get("baseline_variants", {}).items():
-        if options.get("method") not in BASELINE_ATTACKS:
-            raise ValueError(f"{path.name}: baseline variant {name!r} needs method: one of {list(BASELINE_ATTACKS)}")
+    for name, options in (protocol.get("baseline_variants") or {}).items():
+        if options.get("method") not in baselines():
+            raise ValueError(f"{path.name}: baseline variant {name!r} needs method: one of {baselines()}")
     return protocol
+
+
+def baselines() -> list[str]:
+    """The registered methods that are not meta methods."""
+    return [m for m in ma.methods() if not get(m).meta]
+
+
+def plan(method: str, protocol: dict[str, Any]) -> tuple[str, list[str], dict[str, Any]]:
+    """``(registered method, its protocol attacks, its settings)`` for the protocol's name ``method``: a
+    registered method (a meta method with the protocol's meta section), a meta variant (``meta`` with the
+    variant's MetaConfig changes, and its own ``train_attacks`` if it names them) or a baseline variant (a
+    baseline at the settings it names)."""
+    meta_variants = protocol.get("meta_variants") or {}
+    baseline_variants = protocol.get("baseline_variants") or {}  # name -> {method: ..., its settings}
+    if method in meta_variants:
+        options = dict(meta_variants[method])
+        return "meta", options.pop("train_attacks", protocol["train_attacks"]), {**protocol["meta"], **options}
+    options = dict(baseline_variants.get(method, {"method": method}))
+    base = options.pop("method")
+    if base not in ma.methods():
+        raise ValueError(f"unknown method {method!r}; available: {[*ma.methods(), *meta_variants, *baseline_variants]}")
+    if get(base).meta:
+        return base, protocol["train_attacks"], dict(protocol["meta"])
+    return base, BASELINE_ATTACKS.get(base, lambda p: p["train_attacks"])(protocol), options
 
 
 def git_commit() -> str | None:
@@ -107,25 +126,19 @@ def hardware(model: torch.nn.Module) -> dict[str, Any]:
 
 
 def train(method: str, protocol: dict, train_data, seed: int, device: str, steps: int | None = None) -> ma.TrainResult:
-    """Train ``method`` as ``protocol`` says (its epochs, or ``steps`` optimizer steps when given)."""
+    """Train ``method`` (see :func:`plan`) as ``protocol`` says (its epochs, or ``steps`` optimizer steps when
+    given): a meta method on meta-batches of the protocol's meta section, a baseline on ``batch_size``."""
     torch.manual_seed(seed)  # the model's initialization
     model = ma.models.build(protocol["model"])
-    variants = {**META_METHODS, **protocol.get("meta_variants", {})}  # a protocol may name meta-options to ablate
-    if method in variants:
-        options = dict(variants[method])
-        specs = options.pop("train_attacks", protocol["train_attacks"])  # a variant may add task types
-        config = ma.MetaConfig(**{**protocol["meta"], **options}, epochs=protocol["epochs"], steps=steps, seed=seed,
-                               device=device)  # fmt: skip
-        tasks = ma.AttackDistribution(specs, seed=seed)
-        return ma.meta_train(model, train_data, tasks, config, progress=False)
-    baselines = protocol.get("baseline_variants", {})  # name -> {method: ..., adversarial_train options}
-    options = dict(baselines.get(method, {"method": method}))
-    base = options.pop("method")
-    if base not in BASELINE_ATTACKS:
-        raise ValueError(f"unknown method {method!r}; available: {[*BASELINE_ATTACKS, *variants, *baselines]}")
-    return adversarial_train(model, train_data, BASELINE_ATTACKS[base](protocol), method=base,
-                             epochs=protocol["epochs"], steps=steps, batch_size=protocol["batch_size"], seed=seed,
-                             device=device, progress=False, **options)  # fmt: skip
+    base, attacks, settings = plan(method, protocol)
+    if get(base).meta:  # the meta section may hold loop fields too (outer_lr, ...): MetaConfig splits them
+        config = ma.MetaConfig(**settings, epochs=protocol["epochs"], steps=steps, seed=seed, device=device)
+        loop, settings = config.loop, settings_of(base, config)
+        attacks = ma.AttackDistribution(attacks, seed=seed)
+    else:
+        loop = ma.LoopConfig(epochs=protocol["epochs"], steps=steps, batch_size=protocol["batch_size"], seed=seed,
+                             device=device)  # fmt: skip
+    return ma.train(base, model, train_data, attacks, loop=loop, progress=False, **settings)
 
 
 def sanity(model, test, protocol: dict, seed: int) -> dict[str, Any]:
@@ -162,10 +175,11 @@ def run_one(method: str, protocol: dict, seed: int, device: str, out: Path) -> d
     # Zero-shot numbers come with every adapted report (same evaluation examples whatever the shots), so
     # the held-out attacks run zero-shot once per shot count, not once more on their own.
     # A run with per-type BatchNorm statistics (MetaConfig.task_bn) is also adapted by picking the nearest type's.
-    adapt = {"adapt_methods": ("sgd", "bn", "task_bn"), "task_bn": result.task_bn} if result.task_bn else {
+    task_bn, step_bn = result.artifacts.get("task_bn"), result.artifacts.get("step_bn")
+    adapt = {"adapt_methods": ("sgd", "bn", "task_bn"), "task_bn": task_bn} if task_bn else {
         "adapt_methods": ("sgd", "bn")}  # fmt: skip
     # A run with per-step statistics (MetaConfig.per_step_bn) normalizes its sgd-adapted model with them.
-    adapt |= {"step_bn": result.step_bn} if result.step_bn else {}
+    adapt |= {"step_bn": step_bn} if step_bn else {}
     reports = {s: ma.evaluate(model, test, protocol["held_out"], adapt_shots=s, **adapt, **opts)
                for s in protocol["shots"]}  # fmt: skip
     heldout = next(iter(reports.values())) if reports else ma.evaluate(model, test, protocol["held_out"], **opts)

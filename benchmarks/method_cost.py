@@ -19,18 +19,20 @@ import time
 from pathlib import Path
 
 import torch
-from heldout import DEFAULT_PROTOCOL, load_data, load_protocol, positive_int, train
+from heldout import DEFAULT_PROTOCOL, load_data, load_protocol, plan, positive_int, train
 
 import metaadv as ma
-from metaadv.trainer import resolve_device
+from metaadv.engine import resolve_device
+from metaadv.training_methods import get
 
 
 def steps_per_epoch(method: str, protocol: dict, n_train: int) -> int:
-    """Optimizer steps in one epoch (full batches only, as ``trainer.fit``): batches of ``batch_size``, or
-    meta-batches of tasks x (support + query) examples."""
-    meta = protocol["meta"]
-    batch = meta["tasks_per_batch"] * (meta["support_size"] + meta["query_size"])
-    return n_train // (batch if method.startswith("meta") else protocol["batch_size"])
+    """Optimizer steps in one epoch (full batches only, as ``engine.fit``): batches of ``batch_size``, or
+    for a meta method (or meta variant) meta-batches of tasks x (support + query) examples."""
+    base, _, settings = plan(method, protocol)
+    if not get(base).meta:
+        return n_train // protocol["batch_size"]
+    return n_train // ma.MetaConfig(**settings).examples_per_step
 
 
 def time_methods(protocol: dict, methods: list[str], steps: int, repeats: int, device: str) -> dict[str, float]:

@@ -35,12 +35,12 @@ import torch.nn.functional as F
 import torchattacks
 
 import metaadv as ma
+from metaadv.engine import resolve_device
 from metaadv.functional import call, clone_buffers, model_fn, state
 from metaadv.meta import meta_batch_loss
+from metaadv.meta.options.reuse import AdversarialPool
 from metaadv.models import SmallCNN
-from metaadv.reuse import AdversarialPool
 from metaadv.tasks import split_support_query
-from metaadv.trainer import resolve_device
 
 EPS, INNER_LR = 0.3, 0.01
 REUSE = 4  # reuse_every of the reuse variant
@@ -85,10 +85,10 @@ class Bench:
 
     def metaadv_reuse(self, every: int = REUSE) -> None:
         """``every`` meta-steps with ``reuse_every=every``: one crafts the sets, the others reuse them."""
-        pool = AdversarialPool(every, self.device)
+        pool, cfg = AdversarialPool(every, self.device), dataclasses.replace(self.cfg, reuse_every=every)
         for step in range(every):
             self.update(meta_batch_loss(self.model, self.params, self.buffers, self.dist.sample(self.tasks),
-                                        self.x, self.y, self.cfg, step=step, pool=pool).loss)  # fmt: skip
+                                        self.x, self.y, cfg, step=step, options=[pool]).loss)  # fmt: skip
 
     def _chunks(self):
         target = model_fn(self.model, self.params, self.buffers)

@@ -18,10 +18,10 @@ from speed import time_side_by_side  # benchmarks/speed.py: the one interleaved 
 
 import metaadv as ma
 from metaadv.baselines import adversarial_loss
+from metaadv.engine import resolve_device
 from metaadv.functional import state
 from metaadv.meta import meta_batch_loss
 from metaadv.models import SmallCNN
-from metaadv.trainer import resolve_device
 
 
 def main() -> None:

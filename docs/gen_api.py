@@ -7,48 +7,36 @@ import re
 from pathlib import Path
 
 import metaadv
-from metaadv import (
-    attacks,
-    attention,
-    baselines,
-    checkpoint,
-    data,
-    film,
-    meta_dropout,
-    models,
-    plots,
-    step_bn,
-    tasks,
-    trainer,
-)
+from metaadv import attacks, checkpoint, data, engine, models, plots, training_methods
+from metaadv.engine import resume
+from metaadv.meta import options
+from metaadv.meta.options import attention, base, film, generators, meta_dropout, step_bn
 
 SECTIONS = [
-    ("Training", [metaadv.meta_train, metaadv.MetaConfig, metaadv.TrainResult, metaadv.adapt]),
+    ("Training", [metaadv.methods, metaadv.train, metaadv.LoopConfig, metaadv.TrainResult]),
+    ("Meta-training", [metaadv.meta_train, metaadv.MetaConfig, metaadv.adapt]),
+    ("Meta options", [base.MetaOption, options.wrap, options.check]),
     ("Task attention", [attention.TaskAttention]),
     (
         "Model conditioning and per-step statistics",
-        [
-            trainer.wrap_model,
-            film.FiLM,
-            film.task_code,
-            film.with_code,
-            meta_dropout.MetaDropout,
-            step_bn.StepBatchNorm,
-        ],
+        [film.FiLM, film.task_code, film.with_code, meta_dropout.MetaDropout, step_bn.StepBatchNorm],
     ),
-    ("Tasks", [metaadv.AttackDistribution, metaadv.AttackTask, tasks.PersistentGenerators]),
+    ("Tasks", [metaadv.AttackDistribution, metaadv.AttackTask, generators.PersistentGenerators]),
     ("Attacks", [attacks.make, attacks.register, attacks.available, attacks.Attack]),
     ("Evaluation", [metaadv.evaluate, metaadv.RobustnessReport]),
     ("Data and models", [data.load, data.TensorDataset, data.to_tensors, models.SmallCNN, models.build]),
-    ("Baselines", [baselines.adversarial_train]),
+    ("Training methods", [training_methods.get, training_methods.Method]),
     ("Plots", [plots.robustness_bars, plots.training_curves, plots.plot_task_weights]),
     ("Run configs (CLI)", [metaadv.RunConfig, metaadv.load_run_config]),
     (
-        "Checkpoints and long runs",
+        "The engine, checkpoints and long runs",
         [
-            trainer.fit,
-            trainer.TrainingInterrupted,
-            trainer.NonFiniteLossError,
+            engine.fit,
+            engine.Trainable,
+            engine.StepOutput,
+            resume.Checkpointing,
+            engine.TrainingInterrupted,
+            engine.NonFiniteLossError,
             checkpoint.load_checkpoint,
             checkpoint.latest_checkpoint,
             checkpoint.save_checkpoint,

@@ -8,10 +8,11 @@ report = ma.evaluate(result.model, test, ["pgd_l2(eps=2.0)"], adapt_shots=32)
 from . import attacks, baselines, data, distributed, models, plots
 from .checkpoint import CheckpointError, UnsafeCheckpointError
 from .config import LoopConfig, MetaConfig, RunConfig, load_run_config
-from .evaluate import RobustnessReport, evaluate
 from .engine import NonFiniteLossError, TrainingInterrupted, TrainResult
+from .eval import RobustnessReport, evaluate
 from .meta import adapt, meta_train
 from .tasks import AttackDistribution, AttackTask
+from .training_methods import methods, train
 
 __version__ = "0.1.0"
 
@@ -36,6 +37,8 @@ __all__ = [
     "evaluate",
     "load_run_config",
     "meta_train",
+    "methods",
     "models",
     "plots",
+    "train",
 ]

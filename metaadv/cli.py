@@ -1,4 +1,4 @@
-"""The ``metaadv`` command: ``metaadv train --config FILE`` and ``metaadv eval --checkpoint DIR``.
+"""The ``metaadv`` command: ``metaadv train [--method NAME] --config FILE`` and ``metaadv eval --checkpoint DIR``.
 
 ``torchrun --nproc_per_node N -m metaadv.cli train --config FILE`` trains with the tasks of each meta-batch
 split over N processes (docs/scaling.md); only rank 0 prints and writes the output directory.
@@ -7,6 +7,7 @@ split over N processes (docs/scaling.md); only rank 0 prints and writes the outp
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import logging
@@ -18,13 +19,15 @@ from typing import Any
 
 import torch
 
-from . import __version__, data, distributed, models
+from . import __version__, data, distributed, models, training_methods
+from .attacks import make
 from .checkpoint import CheckpointError, UnsafeCheckpointError, environment, list_checkpoints, write_atomic
 from .config import RunConfig, load_run_config, read_config_file, run_config_from
-from .evaluate import evaluate
 from .engine import NonFiniteLossError, TrainingInterrupted, TrainResult, resolve_device
-from .meta import meta_train, options
+from .eval import evaluate
+from .meta import options
 from .tasks import AttackDistribution
+from .training_methods import meta as meta_methods
 
 log = logging.getLogger("metaadv")
 
@@ -77,20 +80,24 @@ def _load_tensors(path: Path, what: str) -> Any:
 
 def load_run(checkpoint: Path) -> tuple[RunConfig, torch.nn.Module, dict[str, Any]]:
     """Rebuild a ``metaadv train`` output directory: its config, its trained model (eval mode; weights loaded
-    safely) and the ``evaluate`` options that adapt it with its own inner loop: ``adapt_lr``, ``adapt_params``
-    and ``adapt_proximal`` from the config, then what its meta options' artifacts in ``meta_state.pt`` give
-    (Meta-SGD's learned ``adapt_lr``, ``task_bn``, ``step_bn``)."""
+    safely) and the ``evaluate`` options that adapt it. For a meta run, its own inner loop: ``adapt_lr``,
+    ``adapt_params`` and ``adapt_proximal`` from the config, then what its meta options' artifacts in
+    ``meta_state.pt`` give (Meta-SGD's learned ``adapt_lr``, ``task_bn``, ``step_bn``); a baseline run has
+    none (``evaluate``'s defaults)."""
     cfg_path, weights = checkpoint / "config.json", checkpoint / "model.pt"
     if not cfg_path.is_file() or not weights.is_file():
         raise FileNotFoundError(f"{checkpoint} is not a metaadv run directory (needs config.json and model.pt)")
     cfg = _read_run_config(cfg_path)
-    model = options.wrap(models.build(cfg.model), cfg.meta, len(cfg.tasks.get("specs", ())))  # FiLM, meta-dropout
+    meta = training_methods.get(cfg.method).meta  # the meta options apply to meta runs only
+    model = models.build(cfg.model)
+    if meta:
+        model = options.wrap(model, cfg.meta, len(cfg.tasks.get("specs", ())))  # FiLM, meta-dropout
     try:
         model.load_state_dict(_load_tensors(weights, "model"))
     except (RuntimeError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{weights} does not fit the model {cfg.model}: {e}") from None
     settings: dict[str, Any] = {"adapt_lr": cfg.meta.inner_lr, "adapt_params": cfg.meta.inner_params,
-                                "adapt_proximal": cfg.meta.proximal}  # fmt: skip
+                                "adapt_proximal": cfg.meta.proximal} if meta else {}  # fmt: skip
     saved = _load_tensors(path, "meta state") if (path := checkpoint / "meta_state.pt").is_file() else {}
     try:
         settings |= options.artifact_eval_options(options.load_artifacts(model, saved))
@@ -106,6 +113,33 @@ def _read_run_config(path: Path, overrides: dict[str, Any] | None = None) -> Run
     return run_config_from(values, overrides)
 
 
+def _train_inputs(cfg: RunConfig) -> tuple[RunConfig, Any, dict[str, Any]]:
+    """The config as ``cfg.method`` runs it (a meta method's fixed fields set in its meta section), its attacks
+    (a meta method: the task distribution; a baseline: ``methods.NAME.attacks``, else ``tasks.specs``, none
+    for a method without attacks) and its settings (the meta section's, or ``methods.NAME``'s)."""
+    method = training_methods.get(cfg.method)
+    if method.meta:
+        config = meta_methods.meta_config(cfg.method, cfg.meta.loop, meta_methods.settings_of(cfg.method, cfg.meta))
+        cfg = dataclasses.replace(cfg, meta=config)
+        return cfg, AttackDistribution(**cfg.tasks), meta_methods.settings_of(cfg.method, config)
+    settings = dict(cfg.methods.get(cfg.method, {}))
+    attacks = settings.pop("attacks", cfg.tasks["specs"] if method.attacks[1] != 0 else [])
+    return cfg, attacks, settings
+
+
+def _announce(cfg: RunConfig, model: torch.nn.Module, attacks: Any) -> str:
+    """The first line ``metaadv train`` prints: the model, the method and what it trains on."""
+    if isinstance(attacks, AttackDistribution):
+        world = f" ({distributed.world_size()} processes)" if distributed.world_size() > 1 else ""
+        named = "" if cfg.method == "meta" else f" with {cfg.method}"
+        return (f"meta-training {type(model).__name__}{named} on {cfg.data} over {len(attacks)} attack types: "
+                f"{', '.join(a.spec for a in attacks.types)}{world}")  # fmt: skip
+    lead = f"training {type(model).__name__} with {cfg.method}"
+    if not attacks:
+        return f"{lead} on clean {cfg.data} examples"
+    return f"{lead} on {cfg.data} against {len(attacks)} attack(s): {', '.join(make(a).spec for a in attacks)}"
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in {"epochs": args.epochs, "steps": args.steps, "device": args.device,
                                    "seed": args.seed}.items() if v is not None}  # fmt: skip
@@ -118,25 +152,28 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = _read_run_config(out / "config.json", overrides)
     else:
         cfg = load_run_config(args.config, overrides)
+    if args.method is not None:
+        cfg = dataclasses.replace(cfg, method=args.method)
     if not args.resume and list_checkpoints(out / "checkpoints"):
         raise ValueError(f"{out} holds checkpoints of an earlier run: pass --resume to continue it, or another --out")
     distributed.setup(resolve_device(cfg.meta.device))  # under torchrun: join the process group (else nothing)
-    main = distributed.is_main()
+    meta, main = training_methods.get(cfg.method).meta, distributed.is_main()
+    if distributed.world_size() > 1 and not meta:
+        raise ValueError(f"method {cfg.method!r} trains in one process: torchrun splits the meta methods' tasks only")
     with distributed.main_first():  # rank 0 downloads a torchvision dataset before the others read it
         train, _ = data.load(cfg.data, cfg.data_root)
     torch.manual_seed(cfg.meta.seed)  # the initialization is part of the run: same config, same weights
     model = models.build(cfg.model)
-    tasks = AttackDistribution(**cfg.tasks)
+    cfg, attacks, settings = _train_inputs(cfg)
     if main:
-        world = f" ({distributed.world_size()} processes)" if distributed.world_size() > 1 else ""
-        print(f"meta-training {type(model).__name__} on {cfg.data} over {len(tasks)} attack types: "
-              f"{', '.join(a.spec for a in tasks.types)}{world}")  # fmt: skip
+        print(_announce(cfg, model, attacks))
     if main and not (args.resume and (out / "config.json").is_file()):  # a resume rewrites it once it matches
         write_config(out, cfg, status="running")
     try:
-        result = meta_train(
-            model, train, tasks, cfg.meta, progress=not args.quiet, checkpoint_dir=out / "checkpoints",
-            checkpoint_every=args.checkpoint_every, keep_last=args.keep_last, resume=args.resume,
+        result = training_methods.train(
+            cfg.method, model, train, attacks, loop=cfg.meta.loop, progress=not args.quiet,
+            checkpoint_dir=out / "checkpoints", checkpoint_every=args.checkpoint_every, keep_last=args.keep_last,
+            resume=args.resume, **settings,
         )  # fmt: skip
     except TrainingInterrupted as e:
         if main:
@@ -155,8 +192,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not main:
         return 0
     written = save_run(out, cfg, result)
-    last = result.history[-1]
-    print(f"done: {len(result.history)} meta-steps in {result.seconds:.1f}s, last meta-loss {last['loss']:.3f}")
+    steps, loss = ("meta-steps", "meta-loss") if meta else ("steps", "loss")
+    print(f"done: {len(result.history)} {steps} in {result.seconds:.1f}s, last {loss} {result.history[-1]['loss']:.3f}")
     print(f"wrote {out}/{', '.join(written)}")
     return 0
 
@@ -188,18 +225,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"metaadv {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="meta-train a model from a YAML/JSON run config")
+    t = sub.add_parser("train", help="train a model with a method (default: meta-training) from a YAML/JSON run config")
     t.add_argument("--config", help="run config (.yaml/.json), e.g. configs/mnist5k.yaml")
+    t.add_argument("--method", choices=training_methods.methods(), metavar="NAME",
+                   help=f"training method, one of {', '.join(training_methods.methods())} "
+                        "(default: the config's method, else meta)")  # fmt: skip
     t.add_argument("--out", default="runs/latest", help="output directory (default: runs/latest)")
     c = t.add_argument_group("checkpoints (in OUT/checkpoints; SIGTERM/SIGINT save one and exit)")
     c.add_argument("--resume", action="store_true",
                    help="continue from the newest good checkpoint in OUT (start if there is none); "
                         "without --config, reuse OUT/config.json")  # fmt: skip
     c.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, default=50, metavar="N",
-                   help="write a checkpoint every N meta-steps (default: 50)")  # fmt: skip
+                   help="write a checkpoint every N steps (default: 50)")  # fmt: skip
     c.add_argument("--keep-last", dest="keep_last", type=int, default=3, metavar="K",
                    help="checkpoint files to keep (default: 3)")  # fmt: skip
-    g = t.add_argument_group("overrides of the config's meta section")
+    g = t.add_argument_group("overrides of the config's meta section (every method's loop)")
     g.add_argument("--epochs", type=int)
     g.add_argument("--steps", type=int)
     g.add_argument("--device")

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .validation import is_int
+
 __all__ = ["OPTIMIZERS", "LoopConfig", "MetaConfig", "RunConfig", "load_run_config", "read_config_file",
            "run_config_from"]  # fmt: skip
 
@@ -20,10 +22,6 @@ OPTIMIZERS = ("adam", "sgd")  # the optimizers every method may use (see engine.
 _QUERY_ATTACK = ("meta", "adapted")
 INNER_PARAMS = ("all", "head")  # what the inner loop adapts (see inner.inner_parameter_names)
 TASK_ENCODINGS = ("none", "type", "support")  # where FiLM's task code comes from (see film.py)
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _is_num(v: Any) -> bool:
@@ -48,11 +46,11 @@ class LoopConfig:
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "log_every"):
-            _require(self, name, _is_int(getattr(self, name)) and getattr(self, name) >= 1, "an integer >= 1")
-        _require(self, "steps", self.steps is None or (_is_int(self.steps) and self.steps >= 1), "None or >= 1")
-        _require(self, "max_bad_steps", self.max_bad_steps is None or (_is_int(self.max_bad_steps)
+            _require(self, name, is_int(getattr(self, name)) and getattr(self, name) >= 1, "an integer >= 1")
+        _require(self, "steps", self.steps is None or (is_int(self.steps) and self.steps >= 1), "None or >= 1")
+        _require(self, "max_bad_steps", self.max_bad_steps is None or (is_int(self.max_bad_steps)
                  and self.max_bad_steps >= 1), "None or an integer >= 1")  # fmt: skip
-        _require(self, "seed", _is_int(self.seed) and self.seed >= 0, "an integer >= 0")
+        _require(self, "seed", is_int(self.seed) and self.seed >= 0, "an integer >= 0")
         _require(self, "lr", _is_num(self.lr) and self.lr > 0, "a number > 0")
         _require(self, "weight_decay", _is_num(self.weight_decay) and self.weight_decay >= 0, "a number >= 0")
         _require(self, "optimizer", self.optimizer in OPTIMIZERS, f"one of {OPTIMIZERS}")
@@ -118,16 +116,16 @@ class MetaConfig:
     def __post_init__(self) -> None:
         for name in ("tasks_per_batch", "support_size", "query_size", "epochs", "log_every", "max_bad_steps",
                      "reuse_every", "encoding_dim"):  # fmt: skip
-            self._require(name, _is_int(getattr(self, name)) and getattr(self, name) >= 1, "an integer >= 1")
-        self._require("inner_steps", _is_int(self.inner_steps) and self.inner_steps >= 0, "an integer >= 0")
-        self._require("steps", self.steps is None or (_is_int(self.steps) and self.steps >= 1), "None or >= 1")
-        self._require("seed", _is_int(self.seed) and self.seed >= 0, "an integer >= 0")
+            self._require(name, is_int(getattr(self, name)) and getattr(self, name) >= 1, "an integer >= 1")
+        self._require("inner_steps", is_int(self.inner_steps) and self.inner_steps >= 0, "an integer >= 0")
+        self._require("steps", self.steps is None or (is_int(self.steps) and self.steps >= 1), "None or >= 1")
+        self._require("seed", is_int(self.seed) and self.seed >= 0, "an integer >= 0")
         for name in ("inner_lr", "outer_lr", "attention_entropy", "attention_lr"):
             self._require(name, _is_num(getattr(self, name)) and getattr(self, name) > 0, "a number > 0")
         self._require("weight_decay", _is_num(self.weight_decay) and self.weight_decay >= 0, "a number >= 0")
         self._require("clean_weight", _is_num(self.clean_weight) and 0 <= self.clean_weight <= 1, "in [0, 1]")
         self._require("proximal", _is_num(self.proximal) and self.proximal >= 0, "a number >= 0")
-        self._require("first_order_until", _is_int(self.first_order_until) and self.first_order_until >= 0,
+        self._require("first_order_until", is_int(self.first_order_until) and self.first_order_until >= 0,
                       "an integer >= 0")  # fmt: skip
         self._require("inner_params", self.inner_params in INNER_PARAMS, f"one of {INNER_PARAMS}")
         for name in ("first_order", "sample_replace", "deterministic", "batched", "learn_inner_lr", "autocast_attacks",
@@ -195,14 +193,18 @@ def _known_fields(cls: type, values: Any, section: str) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """A whole run, as the CLI reads it from YAML or JSON (sections: data, model, tasks, meta, eval)."""
+    """A whole run, as the CLI reads it from YAML or JSON (sections: data, model, tasks, meta, eval, method,
+    methods)."""
 
     data: str = "mnist5k"  # dataset name for metaadv.data.load
     data_root: str | None = None  # where torchvision datasets are stored
     model: dict[str, Any] = field(default_factory=lambda: {"name": "SmallCNN"})  # class in metaadv.models + kwargs
     tasks: dict[str, Any] = field(default_factory=dict)  # AttackDistribution kwargs: specs, weights, eps_ranges
-    meta: MetaConfig = field(default_factory=MetaConfig)  # the meta-training algorithm
+    meta: MetaConfig = field(default_factory=MetaConfig)  # the meta methods' settings; its .loop: every method's loop
     eval: dict[str, Any] = field(default_factory=dict)  # metaadv.evaluate kwargs: attacks, n_examples, adapt_shots
+    method: str = "meta"  # the training method, one of metaadv.methods() (`metaadv train --method` overrides it)
+    # baseline name -> {attacks: [specs], its settings (e.g. clean_weight)}; attacks default to tasks.specs
+    methods: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.data, str):
@@ -215,12 +217,36 @@ class RunConfig:
         extra = set(self.tasks) - {"specs", "weights", "eps_ranges", "seed"}
         if extra:
             raise ValueError(f"unknown tasks option(s) {sorted(extra)}; allowed: specs, weights, eps_ranges, seed")
+        self._check_methods()
+
+    def _check_methods(self) -> None:
+        from .training_methods import get, methods  # here: the registry imports this module
+
+        if self.method not in methods():
+            raise ValueError(f"method must be one of {methods()}, got {self.method!r}")
+        if not isinstance(self.methods, Mapping):
+            raise TypeError(
+                f"methods must be a mapping of baseline name -> its attacks and settings, got {self.methods!r}"
+            )
+        for name, section in self.methods.items():
+            if name not in methods() or get(name).meta:
+                raise ValueError(f"methods: {name!r} is not a baseline (meta methods take the meta section); "
+                                 f"baselines: {[m for m in methods() if not get(m).meta]}")  # fmt: skip
+            if not isinstance(section, Mapping):
+                raise TypeError(f"methods.{name} must be a mapping of attacks and settings, got {section!r}")
+            unknown = sorted(set(section) - {"attacks", *get(name).settings})
+            if unknown:
+                raise ValueError(f"unknown methods.{name} option(s) {unknown}; allowed: "
+                                 f"{['attacks', *sorted(get(name).settings)]}")  # fmt: skip
+            attacks = section.get("attacks", [])
+            if not isinstance(attacks, list) or not all(isinstance(a, str | Mapping) for a in attacks):
+                raise ValueError(f"methods.{name}.attacks must be a list of attack specs, got {attacks!r}")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> RunConfig:
         fields = _known_fields(cls, values, "top-level")
         fields["meta"] = MetaConfig.from_dict(fields.get("meta") or {})
-        for section in ("model", "tasks", "eval"):
+        for section in ("model", "tasks", "eval", "methods"):
             if section in fields and not isinstance(fields[section], Mapping):
                 raise TypeError(f"config section {section!r} must be a mapping, got {fields[section]!r}")
         return cls(**fields)

@@ -9,8 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import metaadv.attacks as A
-from metaadv.baselines import METHODS, _kl_ascent, adversarial_loss, adversarial_train, training_attacks
+from metaadv.baselines import METHODS, adversarial_loss, adversarial_train, training_attacks
+from metaadv.engine import NonFiniteLossError
 from metaadv.models import SmallCNN
+from metaadv.training_methods.trades import kl_ascent
 
 LP3 = ["pgd_linf(eps=0.3, steps=2)", "pgd_l2(eps=2.0, steps=2)", "pgd_l1(eps=10, steps=2)"]
 METHOD_ATTACKS = {
@@ -193,7 +195,7 @@ def test_trades_crafts_in_eval_mode_then_trains_in_the_model_mode(digits):
 def test_trades_ascent_raises_the_kl_inside_the_ball(trained, digits):
     x = digits[0][:32]
     torch.manual_seed(0)
-    x_adv = _kl_ascent(trained, x, A.make("pgd_linf(eps=0.1, steps=5)"))
+    x_adv = kl_ascent(trained, x, A.make("pgd_linf(eps=0.1, steps=5)"))
     assert float(lp_norms(x_adv - x)["linf"].max()) <= 0.1 + 1e-6
     assert float(x_adv.min()) >= 0 and float(x_adv.max()) <= 1
     with torch.no_grad():
@@ -241,8 +243,6 @@ def test_msd_without_any_ball_raises(digits):
 
 
 def test_baselines_skip_non_finite_steps_and_stop_after_max_bad_steps():
-    from metaadv.trainer import NonFiniteLossError
-
     torch.manual_seed(0)
     model = SmallCNN(hidden=16)
     before = {k: v.clone() for k, v in model.state_dict().items()}

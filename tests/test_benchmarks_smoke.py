@@ -92,7 +92,8 @@ def test_a_baseline_variant_trains_its_method_with_the_options_it_names(monkeypa
     protocol = {**heldout.load_protocol(heldout.DEFAULT_PROTOCOL, quick=True), **TINY,
                 "baseline_variants": {"ramp_lambda1": {"method": "ramp", "ramp_lambda": 1.0}}}  # fmt: skip
     calls = []
-    monkeypatch.setattr(heldout, "adversarial_train", lambda model, data, attacks, **kw: calls.append((attacks, kw)))
+    monkeypatch.setattr(heldout.ma, "train", lambda method, model, data, attacks, **kw: calls.append(
+        (attacks, {"method": method, **kw})))  # fmt: skip
     heldout.train("ramp_lambda1", protocol, None, 0, "cpu")
     heldout.train("ramp", protocol, None, 0, "cpu")
     assert [a for a, _ in calls] == [protocol["train_attacks"]] * 2

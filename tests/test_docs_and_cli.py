@@ -105,3 +105,11 @@ def test_cli_reports_user_errors_without_a_traceback(tmp_path):
     )
     assert proc.returncode == 2
     assert "eps" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_readme_methods_example_runs_as_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL)
+    namespace: dict = {}
+    exec(compile(blocks[1], "README.md", "exec"), namespace)
+    assert namespace["avg"].history[-1]["step"] == 10

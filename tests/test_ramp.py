@@ -11,8 +11,9 @@ import torch.nn.functional as F
 
 import metaadv as ma
 import metaadv.attacks as A
-from metaadv.baselines import _strongest_pair, adversarial_loss, adversarial_train, gradient_projection
+from metaadv.baselines import adversarial_loss, adversarial_train, gradient_projection
 from metaadv.models import SmallCNN
+from metaadv.training_methods.ramp import strongest_pair
 
 PAIR = ["fgsm(eps=0.2)", "pgd_l2(eps=1.5, steps=2, random_start=False)"]  # deterministic attacks
 
@@ -63,7 +64,7 @@ def test_ramp_pairs_the_two_strongest_attacks_of_the_batch(erm, digits):
     model = copy.deepcopy(erm).eval()
     attacks = ["none", "fgsm(eps=0.05)", "pgd_linf(eps=0.3, steps=3, random_start=False)"]
     advs = [A.make(a)(model, x, y) for a in attacks]
-    assert _strongest_pair(model, advs, y) == (1, 2)
+    assert strongest_pair(model, advs, y) == (1, 2)
     with torch.no_grad():
         loss = adversarial_loss(model, attacks, x, y, "ramp", ramp_lambda=0.0)
         expected = adversarial_loss(model, attacks[1:], x, y, "max")
