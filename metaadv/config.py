@@ -57,11 +57,6 @@ class LoopConfig:
         _require(self, "deterministic", isinstance(self.deterministic, bool), "True or False")
         _require(self, "device", isinstance(self.device, str) and self.device != "", "'auto', 'cpu' or 'cuda[:i]'")
 
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> LoopConfig:
-        """Build from a mapping, rejecting unknown keys by name."""
-        return cls(**_known_fields(cls, values, "loop"))
-
 
 def _require(config: Any, name: str, ok: bool, allowed: str) -> None:
     if not ok:

@@ -7,6 +7,8 @@ Float64 throughout; looped and task-batched inner loops are compared at 1e-10 as
 import copy
 import json
 import logging
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,8 +20,9 @@ import metaadv as ma
 from metaadv import checkpoint as ckpt
 from metaadv.attacks import make
 from metaadv.functional import call, clone_buffers, state
-from metaadv.meta import TaskSets, task_losses
+from metaadv.meta import TaskSets, meta_batch_loss, task_losses
 from metaadv.meta.inner import adapt, adapt_tasks, init_inner_lr, inner_parameter_names
+from metaadv.meta.options import Aggregate, MetaOption
 from metaadv.meta.options.meta_sgd import MetaSGD
 from metaadv.meta.train import FIRST_FIELDS
 from metaadv.models import PreActResNet18, SmallCNN
@@ -320,3 +323,20 @@ def test_options_round_trip_through_the_yaml_meta_section(tmp_path):
     )
     meta = ma.load_run_config(path).meta
     assert (meta.inner_params, meta.proximal, meta.first_order_until, meta.learn_inner_lr) == ("head", 0.1, 50, True)
+
+
+def test_the_architecture_docs_option_example_acts_through_its_hook_alone():
+    text = (Path(__file__).parents[1] / "docs" / "architecture.md").read_text()
+    example = re.search(r"### Adding a meta option.*?```python\n(.*?)```", text, re.DOTALL).group(1)
+    namespace = {"torch": torch, "MetaOption": MetaOption, "Aggregate": Aggregate}
+    exec(compile(example, "docs/architecture.md", "exec"), namespace)
+    model = tiny_cnn()
+    params, buffers = state(model)
+    tasks = [AttackTask(make("fgsm(eps=0.1)"), i) for i in range(N_TASKS)]
+    x = torch.cat([torch.cat([s.support, s.query]) for s in fixed_sets()])
+    y = torch.cat([torch.cat([s.support_y, s.query_y]) for s in fixed_sets()])
+    plain = meta_batch_loss(copy.deepcopy(model), params, buffers, tasks, x, y, config(inner_steps=0))
+    out = meta_batch_loss(model, params, buffers, tasks, x, y, config(inner_steps=0),
+                          options=[namespace["LossSpread"](0.5)])  # fmt: skip
+    assert torch.allclose(out.loss, plain.loss, rtol=0, atol=1e-12)  # uniform weights: the plain mean
+    assert torch.allclose(out.objective, 0.5 * out.logged["loss_spread"])

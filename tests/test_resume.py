@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +14,9 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
+import metaadv as ma
 from metaadv import checkpoint as ckpt
 from metaadv.cli import main
 
@@ -99,3 +102,29 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly_then_resume_completes(tmp_
     assert main(["train", "--out", str(out), "--resume", "--quiet"]) == 0
     steps = [json.loads(line)["step"] for line in (out / "history.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 51))
+
+
+def test_a_checkpoint_written_before_the_engine_split_resumes_bit_for_bit(tmp_path):
+    """tests/data/pre_engine_run holds step 2 of this run as written by metaadv at commit 4263018 (trainer.py,
+    before the engine and the meta-option protocol); resuming it to step 4 equals an uninterrupted run."""
+
+    def run(steps, checkpoint_dir=None):
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.rand(48, 1, 8, 8, generator=g), torch.randint(0, 10, (48,), generator=g)
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 10))
+        cfg = ma.MetaConfig(tasks_per_batch=2, support_size=4, query_size=4, steps=steps, task_attention=True,
+                            task_bn=True, reuse_every=2, learn_inner_lr=True, device="cpu")  # fmt: skip
+        tasks = ma.AttackDistribution(["fgsm(eps=0.3)", "pgd_linf(eps=0.3, steps=2)"], seed=0)
+        where = {"checkpoint_dir": checkpoint_dir, "resume": True} if checkpoint_dir else {}
+        return ma.meta_train(model, (x, y), tasks, cfg, progress=False, **where)
+
+    shutil.copytree(Path(__file__).parent / "data" / "pre_engine_run", tmp_path / "run")
+    resumed, whole = run(4, tmp_path / "run"), run(4)
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in whole.history]
+    for k, v in whole.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[k], v), k
+    for name in ("task_bn", "inner_lr"):
+        saved, expected = resumed.artifacts[name], whole.artifacts[name]
+        pairs = zip(saved.stats, expected.stats, strict=True) if name == "task_bn" else [(saved, expected)]
+        assert all(torch.equal(a[k], b[k]) for a, b in pairs for k in a)

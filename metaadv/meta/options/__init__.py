@@ -74,9 +74,10 @@ def build(config: Any, setup: OptionSetup) -> list[MetaOption]:
 
 
 def check_given(config: Any, options: Sequence[MetaOption]) -> None:
-    """Raise ValueError unless ``options`` are exactly one of each option ``config`` turns on."""
+    """Raise ValueError unless ``options`` hold exactly one of each registered option ``config`` turns on (an
+    option class not in ``OPTIONS``, e.g. one being written, may be passed besides them)."""
     wanted = enabled(config)
-    given = [type(o) for o in options]
+    given = [type(o) for o in options if type(o) in OPTIONS]
     if sorted(map(id, wanted)) != sorted(map(id, given)):
         raise ValueError(
             f"the meta options given ({[c.__name__ for c in given]}) must be those the MetaConfig turns on "
