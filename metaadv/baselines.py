@@ -88,6 +88,7 @@ def adversarial_train(
     keep_last: int = 3,
     resume: bool | str | Path = False,
     max_bad_steps: int | None = 5,
+    tensorboard: str | Path | None = None,
 ) -> TrainResult:
     """Train ``model`` in place with a baseline method; returns ``TrainResult`` (history: ``loss``,
     ``grad_norm``, ``skipped``, ``bad_steps`` per step). The same as ``metaadv.train(method, ...)`` with the
@@ -117,10 +118,12 @@ def adversarial_train(
 
     ``checkpoint_dir``, ``checkpoint_every``, ``keep_last``, ``resume`` and ``max_bad_steps`` work as in
     ``meta_train``: exact resume after an interruption, and a step with a non-finite loss or gradient is
-    skipped (``max_bad_steps`` consecutive ones raise ``NonFiniteLossError``).
+    skipped (``max_bad_steps`` consecutive ones raise ``NonFiniteLossError``). ``tensorboard``: a TensorBoard
+    log directory for the loss, gradient norm, bad steps and learning rate (as in ``meta_train``; off by default).
     """
     settings = _settings(method, clean_weight=clean_weight, beta=beta, ramp_lambda=ramp_lambda, ramp_beta=ramp_beta)
     loop = LoopConfig(epochs=epochs, steps=steps, batch_size=batch_size, optimizer=optimizer, lr=lr,
                       weight_decay=weight_decay, seed=seed, device=device, max_bad_steps=max_bad_steps)  # fmt: skip
     return train(method, model, train_data, attacks, loop=loop, progress=progress, checkpoint_dir=checkpoint_dir,
-                 checkpoint_every=checkpoint_every, keep_last=keep_last, resume=resume, **settings)  # fmt: skip
+                 checkpoint_every=checkpoint_every, keep_last=keep_last, resume=resume, tensorboard=tensorboard,
+                 **settings)  # fmt: skip

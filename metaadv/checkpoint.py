@@ -296,3 +296,18 @@ def environment() -> dict[str, Any]:
             "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
         },
     }
+
+
+def load_tensors(path: str | Path, what: str, instead: str = "only files you trust") -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, for a file of tensors that is not a checkpoint (a run's
+    weights, a data file): ``UnsafeCheckpointError`` if it holds pickled objects beyond tensors (``instead``:
+    what to save or load instead, for the message), ``CheckpointError`` if it is not readable as ``what``."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UnsafeCheckpointError(
+            f"refused to load {path}: it contains pickled Python objects beyond tensors, which could run code "
+            f"when loaded (torch.load weights_only=True rejected it). Load {instead}"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{path} is not a readable {what} file: {e}") from None

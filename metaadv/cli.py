@@ -1,4 +1,5 @@
-"""The ``metaadv`` command: ``metaadv train [--method NAME] --config FILE`` and ``metaadv eval --checkpoint DIR``.
+"""The ``metaadv`` command: ``metaadv train [--method NAME] --config FILE``, ``metaadv eval --checkpoint RUN`` (or
+``--model pkg.mod:factory``) and ``metaadv compare RUN [RUN ...]``.
 
 ``torchrun --nproc_per_node N -m metaadv.cli train --config FILE`` trains with the tasks of each meta-batch
 split over N processes (docs/scaling.md); only rank 0 prints and writes the output directory.
@@ -8,10 +9,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import json
 import logging
-import pickle
 import sys
 import time
 from pathlib import Path
@@ -21,96 +20,16 @@ import torch
 
 from . import __version__, data, distributed, models, training_methods
 from .attacks import make
-from .checkpoint import CheckpointError, UnsafeCheckpointError, environment, list_checkpoints, write_atomic
-from .config import RunConfig, load_run_config, read_config_file, run_config_from
-from .engine import NonFiniteLossError, TrainingInterrupted, TrainResult, resolve_device
-from .eval import evaluate
-from .meta import options
+from .checkpoint import list_checkpoints
+from .config import RunConfig, load_run_config
+from .engine import NonFiniteLossError, TrainingInterrupted, resolve_device
+from .eval import ADAPT_METHODS, evaluate, external
+from .eval.compare import comparison_summary, comparison_table
+from .runs import load_run, read_run_config, save_run, write_config, write_history, write_json
 from .tasks import AttackDistribution
 from .training_methods import meta as meta_methods
 
 log = logging.getLogger("metaadv")
-
-
-def _write_atomic(path: Path, write: Any) -> None:
-    buffer = io.BytesIO()
-    write(buffer)
-    write_atomic(path, buffer.getvalue())
-
-
-def write_config(out: Path, cfg: RunConfig, **run: Any) -> None:
-    """Write ``config.json``: the resolved config plus a ``run`` section (versions, git commit, hardware, ``run``)."""
-    out.mkdir(parents=True, exist_ok=True)
-    info = {"metaadv": __version__, "torch": torch.__version__, "environment": environment(), **run}
-    _write_atomic(out / "config.json", lambda f: f.write(json.dumps({**cfg.to_dict(), "run": info}, indent=2).encode()))
-
-
-def write_history(out: Path, history: list[dict]) -> None:
-    lines = "".join(json.dumps(r) + "\n" for r in history)
-    _write_atomic(out / "history.jsonl", lambda f: f.write(lines.encode()))
-
-
-def save_run(out: Path, cfg: RunConfig, result: TrainResult) -> list[str]:
-    """Write ``config.json`` (resolved, with versions, git commit, hardware), ``model.pt``, ``history.jsonl``
-    and, for a run whose meta options learned adaptation state (their artifacts: Meta-SGD step sizes, per-type
-    or per-step BatchNorm statistics), ``meta_state.pt``; returns the names of the files written."""
-    write_config(out, cfg, status="done", train_seconds=result.seconds)
-    _write_atomic(out / "model.pt", lambda f: torch.save(result.model.state_dict(), f))
-    state = options.save_artifacts(result.artifacts)
-    if state:
-        _write_atomic(out / "meta_state.pt", lambda f: torch.save(state, f))
-    else:  # an earlier run's in the same directory would be loaded with this run's model
-        (out / "meta_state.pt").unlink(missing_ok=True)
-    write_history(out, result.history)
-    return ["model.pt", "config.json", "history.jsonl", *(["meta_state.pt"] if state else [])]
-
-
-def _load_tensors(path: Path, what: str) -> Any:
-    """``torch.load(path, weights_only=True)``, with the errors ``load_run`` promises."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise UnsafeCheckpointError(
-            f"refused to load {path}: it contains pickled Python objects beyond tensors, which could run "
-            "code when loaded (torch.load weights_only=True rejected it). Only load files you trust."
-        ) from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"{path} is not a readable {what} file: {e}") from None
-
-
-def load_run(checkpoint: Path) -> tuple[RunConfig, torch.nn.Module, dict[str, Any]]:
-    """Rebuild a ``metaadv train`` output directory: its config, its trained model (eval mode; weights loaded
-    safely) and the ``evaluate`` options that adapt it. For a meta run, its own inner loop: ``adapt_lr``,
-    ``adapt_params`` and ``adapt_proximal`` from the config, then what its meta options' artifacts in
-    ``meta_state.pt`` give (Meta-SGD's learned ``adapt_lr``, ``task_bn``, ``step_bn``); a baseline run has
-    none (``evaluate``'s defaults)."""
-    cfg_path, weights = checkpoint / "config.json", checkpoint / "model.pt"
-    if not cfg_path.is_file() or not weights.is_file():
-        raise FileNotFoundError(f"{checkpoint} is not a metaadv run directory (needs config.json and model.pt)")
-    cfg = _read_run_config(cfg_path)
-    meta = training_methods.get(cfg.method).meta  # the meta options apply to meta runs only
-    model = models.build(cfg.model)
-    if meta:
-        model = options.wrap(model, cfg.meta, len(cfg.tasks.get("specs", ())))  # FiLM, meta-dropout
-    try:
-        model.load_state_dict(_load_tensors(weights, "model"))
-    except (RuntimeError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"{weights} does not fit the model {cfg.model}: {e}") from None
-    settings: dict[str, Any] = {"adapt_lr": cfg.meta.inner_lr, "adapt_params": cfg.meta.inner_params,
-                                "adapt_proximal": cfg.meta.proximal} if meta else {}  # fmt: skip
-    saved = _load_tensors(path, "meta state") if (path := checkpoint / "meta_state.pt").is_file() else {}
-    try:
-        settings |= options.artifact_eval_options(options.load_artifacts(model, saved))
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{path} does not fit the model {cfg.model}: {e!r}") from None
-    return cfg, model.eval(), settings
-
-
-def _read_run_config(path: Path, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """The RunConfig of a run directory's ``config.json`` (without its ``run`` provenance section)."""
-    values = read_config_file(path)
-    values.pop("run", None)
-    return run_config_from(values, overrides)
 
 
 def _train_inputs(cfg: RunConfig) -> tuple[RunConfig, Any, dict[str, Any]]:
@@ -149,7 +68,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ValueError("--config is required (it may be left out only with --resume)")
         if not (out / "config.json").is_file():
             raise FileNotFoundError(f"--resume without --config needs {out}/config.json from an earlier run")
-        cfg = _read_run_config(out / "config.json", overrides)
+        cfg = read_run_config(out / "config.json", overrides)
     else:
         cfg = load_run_config(args.config, overrides)
     if args.method is not None:
@@ -167,18 +86,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg, attacks, settings = _train_inputs(cfg)
     if main:
         print(_announce(cfg, model, attacks))
+    # recorded in config.json's run section, where a later `metaadv eval` finds the run's TensorBoard directory
+    run = {"tensorboard": str(Path(args.tensorboard).resolve())} if args.tensorboard is not None else {}
     if main and not (args.resume and (out / "config.json").is_file()):  # a resume rewrites it once it matches
-        write_config(out, cfg, status="running")
+        write_config(out, cfg, status="running", **run)
     try:
         result = training_methods.train(
             cfg.method, model, train, attacks, loop=cfg.meta.loop, progress=not args.quiet,
             checkpoint_dir=out / "checkpoints", checkpoint_every=args.checkpoint_every, keep_last=args.keep_last,
-            resume=args.resume, **settings,
+            resume=args.resume, tensorboard=args.tensorboard, **settings,
         )  # fmt: skip
     except TrainingInterrupted as e:
         if main:
             write_history(out, e.history)
-            write_config(out, cfg, status=f"interrupted after step {e.step}")
+            write_config(out, cfg, status=f"interrupted after step {e.step}", **run)
             world = distributed.world_size()
             launcher = f"torchrun --nproc_per_node {world} -m metaadv.cli" if world > 1 else "metaadv"
             print(f"metaadv train: {e}; continue with: {launcher} train --out {out} --resume", file=sys.stderr)
@@ -186,37 +107,114 @@ def cmd_train(args: argparse.Namespace) -> int:
     except NonFiniteLossError as e:
         if main:
             write_history(out, e.history)
-            write_config(out, cfg, status="failed: non-finite loss")
+            write_config(out, cfg, status="failed: non-finite loss", **run)
             print(f"metaadv train: error: {e}", file=sys.stderr)
         return 1
     if not main:
         return 0
-    written = save_run(out, cfg, result)
+    written = save_run(out, cfg, result, **run)
     steps, loss = ("meta-steps", "meta-loss") if meta else ("steps", "loss")
     print(f"done: {len(result.history)} {steps} in {result.seconds:.1f}s, last {loss} {result.history[-1]['loss']:.3f}")
     print(f"wrote {out}/{', '.join(written)}")
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    cfg, model, options = load_run(Path(args.checkpoint))
-    settings = {**options, **cfg.eval}  # the run's own inner loop, unless its eval section says otherwise
+def _eval_settings(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` with what the command line sets: attacks, n_examples, adapt_shots, adapt_methods, seed."""
+    settings = dict(settings)
     if args.attacks:
         settings["attacks"] = args.attacks
-    for key in ("n_examples", "adapt_shots", "seed"):
+    for key in ("n_examples", "adapt_shots", "adapt_methods", "seed"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
+    return settings
+
+
+def _report(model: torch.nn.Module, test: Any, settings: dict[str, Any], out: Path, quiet: bool,
+            source: dict[str, Any] | None = None) -> int:  # fmt: skip
+    """Evaluate, print the table and write ``out/report.json`` (its ``meta.source``: what ``--model`` loaded):
+    the one report of both forms of ``metaadv eval``."""
+    start = time.perf_counter()
+    report = evaluate(model, test, settings.pop("attacks"), progress=not quiet, **settings)
+    if source is not None:
+        report = dataclasses.replace(report, meta={**report.meta, "source": source})
+    print(report.to_markdown())
+    print(f"\n({report.n_examples} test examples, {time.perf_counter() - start:.1f}s)")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "report.json", report.to_json())
+    print(f"wrote {out}/report.json")
+    return 0
+
+
+def _eval_run(args: argparse.Namespace) -> int:
+    """``metaadv eval --checkpoint RUN``: the run's model, data and inner loop; its config's eval section."""
+    for flag, value in (("--weights", args.weights), ("--data", args.data), ("--data-root", args.data_root)):
+        if value is not None:
+            raise ValueError(
+                f"{flag} goes with --model: the run directory {args.checkpoint} has its own weights and data"
+            )
+    cfg, model, options = load_run(Path(args.checkpoint))
+    settings = _eval_settings(args, {**options, **cfg.eval})  # the run's own inner loop, unless eval: says otherwise
     if not settings.get("attacks"):
         raise ValueError("no attacks to evaluate: pass --attacks or give eval.attacks in the run config")
     _, test = data.load(cfg.data, cfg.data_root)
-    start = time.perf_counter()
-    report = evaluate(model, test, settings.pop("attacks"), progress=not args.quiet, **settings)
-    print(report.to_markdown())
-    print(f"\n({report.n_examples} test examples, {time.perf_counter() - start:.1f}s)")
-    out = Path(args.out or args.checkpoint)
+    return _report(model, test, settings, Path(args.out or args.checkpoint), args.quiet)
+
+
+def _eval_model(args: argparse.Namespace) -> int:
+    """``metaadv eval --model SPEC [--weights FILE] --data NAME_OR_FILE --attacks ...``: a model of the user's."""
+    if not args.attacks:
+        raise ValueError("--model needs --attacks: a model of your own has no run config to take them from")
+    if args.data is None:
+        raise ValueError(f"--model needs --data: a dataset ({', '.join(data.NAMES)}) or a torch.save file of (x, y)")
+    model = external.load_model(args.model, args.weights)
+    x, y = external.load_data(args.data, args.data_root)
+    external.check_compatible(model, x, y, model_name=f"the model {args.model}", data_name=f"the data {args.data}")
+    settings = _eval_settings(args, {})
+    adapts_bn = bool(settings.get("adapt_shots")) and "bn" in settings.get("adapt_methods", ())
+    if isinstance(model, external.TorchScriptModel) and adapts_bn:
+        raise ValueError(
+            f"adapt method 'bn' needs the model's Python modules, but {args.model} is TorchScript (its BatchNorm "
+            "layers cannot be set to training mode on their own): use --adapt-methods sgd, or give the model as "
+            "package.module:factory with --weights"
+        )
+    source = {"model": args.model, "weights": args.weights, "data": args.data}
+    return _report(model, (x, y), settings, Path(args.out or "."), args.quiet, source)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    return _eval_run(args) if args.model is None else _eval_model(args)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """``metaadv compare RUN [RUN ...]``: every run evaluated on the same attacks, test examples and adaptations
+    (the first run's eval section with the command's overrides; each run adapts with its own inner loop), then
+    one table of them side by side and a sentence saying what it shows."""
+    paths = [Path(r) for r in args.runs]
+    names = args.names or [p.name for p in paths]
+    if len(names) != len(paths) or len(set(names)) != len(names):
+        raise ValueError(f"--names must give one distinct name per run ({len(paths)}), got {names}")
+    runs = {name: load_run(p) for name, p in zip(names, paths, strict=True)}
+    first = next(iter(runs.values()))[0]
+    if len({(cfg.data, cfg.data_root) for cfg, _, _ in runs.values()}) > 1:
+        raise ValueError("the runs were trained on different data: compare runs of one dataset")
+    shared = _eval_settings(args, first.eval)
+    if not shared.get("attacks"):
+        raise ValueError(f"no attacks to evaluate: pass --attacks or give eval.attacks in {paths[0]}'s config")
+    _, test = data.load(first.data, first.data_root)
+    reports, seconds = {}, {}
+    for (name, (_, model, own)), path in zip(runs.items(), paths, strict=True):
+        print(f"evaluating {name} ({path})")
+        settings = {**own, **shared}
+        reports[name] = evaluate(model, test, settings.pop("attacks"), progress=not args.quiet, **settings)
+        seconds[name] = float(json.loads((path / "config.json").read_text())["run"].get("train_seconds", 0.0))
+    text = f"{comparison_table(reports, seconds)}\n\n{comparison_summary(reports)}"
+    print(f"\n{text}")
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "report.json", lambda f: f.write(report.to_json().encode()))
-    print(f"wrote {out}/report.json")
+    write_json(out / "compare.json", json.dumps({n: r.to_dict() for n, r in reports.items()}, indent=2))
+    write_json(out / "compare.md", text + "\n")
+    print(f"wrote {out}/compare.json, compare.md")
     return 0
 
 
@@ -244,18 +242,51 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int)
     g.add_argument("--device")
     g.add_argument("--seed", type=int)
+    t.add_argument("--tensorboard", metavar="DIR",
+                   help="log the run to TensorBoard in DIR (needs `pip install tensorboard`; view with "
+                        "`tensorboard --logdir DIR`); the same DIR with --resume continues its curves")  # fmt: skip
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(run=cmd_train)
 
-    e = sub.add_parser("eval", help="evaluate a trained run against attacks (prints a table, writes JSON)")
-    e.add_argument("--checkpoint", required=True, help="a `metaadv train` output directory")
-    e.add_argument("--attacks", nargs="+", help="attack specs (default: the run config's eval.attacks)")
+    e = sub.add_parser("eval", help="evaluate a trained run, or any classifier, against attacks (prints a table, "
+                                     "writes report.json)")  # fmt: skip
+    m = e.add_argument_group("the model: a run directory (--checkpoint), or a classifier metaadv did not train")
+    which = m.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", metavar="RUN", help="a `metaadv train` output directory")
+    which.add_argument("--model", metavar="SPEC",
+                       help="'package.module:factory' (called with no arguments; a module file in the current "
+                            "directory works), or a TorchScript file (.pt/.pth/.ts; it has its weights)")  # fmt: skip
+    m.add_argument("--weights", metavar="FILE",
+                   help="with --model package.module:factory: its state dict, a torch.save file (read with "
+                        "weights_only=True) or a .safetensors file (pip install 'metaadv[io]')")  # fmt: skip
+    m.add_argument("--data", metavar="NAME_OR_FILE",
+                   help=f"with --model: a dataset ({', '.join(data.NAMES)}: its test split) or a torch.save file of "
+                        "(x, y) or {'x': x, 'y': y}: images (N, C, H, W) float in [0, 1], labels (N,)")  # fmt: skip
+    m.add_argument("--data-root", dest="data_root", metavar="DIR", help="with --model: torchvision's data directory")
+    e.add_argument("--attacks", nargs="+", help="attack specs (required with --model; default: the run config's "
+                                                "eval.attacks)")  # fmt: skip
     e.add_argument("--n-examples", dest="n_examples", type=int)
     e.add_argument("--adapt-shots", dest="adapt_shots", type=int)
+    e.add_argument("--adapt-methods", dest="adapt_methods", nargs="+", choices=ADAPT_METHODS, metavar="METHOD",
+                   help=f"adaptations with --adapt-shots, of {', '.join(ADAPT_METHODS)} (default: sgd, or the run "
+                        "config's eval.adapt_methods)")  # fmt: skip
     e.add_argument("--seed", type=int)
-    e.add_argument("--out", help="where to write report.json (default: the checkpoint directory)")
+    e.add_argument("--out", help="where to write report.json (default: the checkpoint directory; with --model, the "
+                                 "current directory)")  # fmt: skip
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(run=cmd_eval)
+
+    k = sub.add_parser("compare", help="evaluate several runs on the same attacks and adaptations, side by side")
+    k.add_argument("runs", nargs="+", metavar="RUN", help="`metaadv train` output directories")
+    k.add_argument("--names", nargs="+", help="a name per run for the table (default: the directories' names)")
+    k.add_argument("--attacks", nargs="+", help="attack specs (default: the first run's eval.attacks)")
+    k.add_argument("--n-examples", dest="n_examples", type=int)
+    k.add_argument("--adapt-shots", dest="adapt_shots", type=int)
+    k.add_argument("--adapt-methods", dest="adapt_methods", nargs="+", choices=ADAPT_METHODS, metavar="METHOD")
+    k.add_argument("--seed", type=int)
+    k.add_argument("--out", default=".", help="where to write compare.json and compare.md (default: .)")
+    k.add_argument("--quiet", action="store_true", help="no progress bar")
+    k.set_defaults(run=cmd_compare)
     return p
 
 

@@ -22,10 +22,11 @@ from hypothesis import strategies as st
 import metaadv as ma
 from metaadv import checkpoint as ckpt
 from metaadv import models
-from metaadv.cli import load_run, main
+from metaadv.cli import main
 from metaadv.engine import StepOutput, Trainable, TrainingInterrupted, fit
 from metaadv.engine.resume import Checkpointing
 from metaadv.models import SmallCNN
+from metaadv.runs import load_run
 
 SPECS = ["fgsm(eps=0.3)", "pgd_linf(eps=0.3, steps=2)"]
 

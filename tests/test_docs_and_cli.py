@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from metaadv.cli import load_run, main
+from metaadv.cli import main
+from metaadv.runs import load_run
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -241,7 +241,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
 
 
 def test_a_saved_run_with_film_and_meta_dropout_loads_back_for_the_cli(tmp_path):
-    from metaadv.cli import load_run, save_run
+    from metaadv.runs import load_run, save_run
 
     _, result = tiny_run(steps=1, task_encoding="support", encoding_dim=DIM, meta_dropout=0.2)
     meta = ma.MetaConfig(tasks_per_batch=1, support_size=4, query_size=4, steps=1, inner_lr=0.05,

@@ -14,8 +14,9 @@ import torch
 import metaadv as ma
 from metaadv import training_methods
 from metaadv.baselines import adversarial_train
-from metaadv.cli import load_run, main
+from metaadv.cli import main
 from metaadv.models import SmallCNN
+from metaadv.runs import load_run
 from metaadv.training_methods.meta import settings_of
 
 BASELINES = ["erm", "pgd_at", "fast_at", "trades", "avg", "max", "msd", "sat", "ramp"]

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -29,7 +29,16 @@ from .resume import Checkpointing, Progress, resume_into, save
 from .signals import StopOnSignal
 from .state import Stateful, restore, snapshot
 
-__all__ = ["NonFiniteLossError", "StepFn", "StepOutput", "TrainResult", "Trainable", "TrainingInterrupted", "fit"]
+__all__ = [
+    "NonFiniteLossError",
+    "RunLogger",
+    "StepFn",
+    "StepOutput",
+    "TrainResult",
+    "Trainable",
+    "TrainingInterrupted",
+    "fit",
+]
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +96,24 @@ class TrainResult:
                              f"{sorted(artifacts)})")  # fmt: skip
 
 
+class RunLogger(Protocol):
+    """Where a run's logged steps go besides the text log (e.g. ``engine.tensorboard.TensorBoardLogger``); the
+    engine calls it on rank 0 only."""
+
+    def start(self, config: Mapping[str, Any], first_step: int) -> None:
+        """Before the first step: the run's identity (JSON types) and the steps already done (a resume's)."""
+
+    def step(self, record: Mapping[str, Any], lrs: Sequence[float]) -> None:
+        """Every ``loop.log_every`` steps and the last: the step's record (as in the history) and the learning
+        rate of each optimizer parameter group."""
+
+    def flush(self) -> None:
+        """After every checkpoint: what was logged so far reaches the disk."""
+
+    def close(self) -> None:
+        """When the run returns or raises."""
+
+
 class TrainingInterrupted(Exception):
     """SIGTERM or SIGINT stopped training at a step boundary (after saving a checkpoint, if a directory was set)."""
 
@@ -115,6 +142,7 @@ def fit(
     config: Mapping[str, Any] | None = None,
     progress: bool = True,
     desc: str = "train",
+    logger: RunLogger | None = None,
 ) -> TrainResult:
     """Run ``step`` over shuffled batches of ``(x, y)`` for ``loop.steps`` (or ``loop.epochs`` full passes).
 
@@ -132,6 +160,10 @@ def fit(
     restores them all, so the run continues bit for bit as if never stopped (same machine and thread count),
     and is refused with ``CheckpointError`` naming the differences if ``config`` differs. SIGTERM/SIGINT save
     a checkpoint and raise ``TrainingInterrupted``.
+
+    ``logger`` (rank 0 only) gets the run's ``config`` (and ``loop``: batch size, seed, examples, steps) at the
+    start, every logged step's record with the learning rates, a flush after every checkpoint and a close at the
+    end; it reads only what the record holds, so it adds no host sync and changes nothing the run computes.
     """
     checkpointing = checkpointing or Checkpointing()
     per_epoch = len(x) // loop.batch_size
@@ -157,17 +189,22 @@ def fit(
         ckpt.restore_rng(rng["state"])  # last: nothing after this point may draw random numbers before the loop
         if rng["reseed"]:  # a checkpoint of another world size: fresh, still distinct, attack streams per rank
             torch.manual_seed(int(torch.randint(2**62, ())) + distributed.rank())
+    logger = logger if distributed.is_main() else None
     trainable.model.train()
     try:
-        _loop(trainable, x, y, step, loop, run, total, per_epoch, checkpointing, state, progress, desc)
+        if logger is not None:
+            logger.start({**config_json, "loop": {**identity, "steps": total}}, run.done)
+        _loop(trainable, x, y, step, loop, run, total, per_epoch, checkpointing, state, progress, desc, logger)
     finally:
         trainable.model.eval()
+        if logger is not None:
+            logger.close()
     return TrainResult(model=trainable.model, history=run.history, seconds=run.elapsed_before)
 
 
 def _loop(trainable: Trainable, x: Tensor, y: Tensor, step: StepFn, loop: LoopConfig, run: Progress, total: int,
           per_epoch: int, checkpointing: Checkpointing, state: Mapping[str, Any], progress: bool,
-          desc: str) -> None:  # fmt: skip
+          desc: str, logger: RunLogger | None) -> None:  # fmt: skip
     """Steps ``run.done`` .. ``total - 1``; on return ``run.elapsed_before`` holds the run's whole wall-clock."""
     main, start, first = distributed.is_main(), time.perf_counter(), run.elapsed_before
     env = ckpt.environment() if checkpointing.directory is not None else {}
@@ -186,11 +223,15 @@ def _loop(trainable: Trainable, x: Tensor, y: Tensor, step: StepFn, loop: LoopCo
                     run.order = torch.randperm(len(x), generator=run.generator)
                 idx = run.order[pos * loop.batch_size : (pos + 1) * loop.batch_size].to(x.device)
                 record = apply_step(trainable, step, x[idx], y[idx], i)
-                _account(run, record, i, epoch, elapsed(), loop, total, desc)
+                record = _account(run, record, i, epoch, elapsed(), loop, total, desc)
+                if logger is not None and _logged(i, loop, total):
+                    logger.step(record, [float(g["lr"]) for g in trainable.optimizer.param_groups])
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.3f}")
                 if checkpointing.directory is not None and ((i + 1) % checkpointing.every == 0 or i + 1 == total):
                     last_saved = (i + 1, save(checkpointing, run, state, elapsed(), env, i + 1))
+                    if logger is not None:
+                        logger.flush()
                 signum = distributed.max_over_ranks(stopper.signum or 0)  # ranks stop together, at the same step
                 if signum:
                     path = None
@@ -204,8 +245,9 @@ def _loop(trainable: Trainable, x: Tensor, y: Tensor, step: StepFn, loop: LoopCo
 
 
 def _account(run: Progress, record: dict[str, Any], i: int, epoch: int, seconds: float, loop: LoopConfig,
-             total: int, desc: str) -> None:  # fmt: skip
-    """Count, log and record step ``i``; raise ``NonFiniteLossError`` after too many bad steps in a row."""
+             total: int, desc: str) -> dict[str, Any]:  # fmt: skip
+    """Count, log and record step ``i`` (returns its record as the history holds it); raise
+    ``NonFiniteLossError`` after too many bad steps in a row."""
     bad = bool(record.get("skipped", False)) or not math.isfinite(record["loss"])
     run.bad_streak = run.bad_streak + 1 if bad else 0
     run.bad_total += bad
@@ -226,8 +268,14 @@ def _account(run: Progress, record: dict[str, Any], i: int, epoch: int, seconds:
             "too high (outer_lr, inner_lr), an attack producing NaN, or a model whose logits overflow.",
             run.history,
         )
-    if main and ((i + 1) % loop.log_every == 0 or i + 1 == total):
+    if main and _logged(i, loop, total):
         log.info("%s step %d/%d loss %.4f (%.1fs)", desc, i + 1, total, record["loss"], seconds)
+    return record
+
+
+def _logged(i: int, loop: LoopConfig, total: int) -> bool:
+    """Whether step ``i`` (0-based) is logged: every ``loop.log_every`` steps and the last."""
+    return (i + 1) % loop.log_every == 0 or i + 1 == total
 
 
 def apply_step(trainable: Trainable, step: StepFn, x: Tensor, y: Tensor, index: int) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from ..config import MetaConfig
 from ..engine import StepFn, StepOutput, Trainable, TrainResult, fit
 from ..engine.resume import Checkpointing
 from ..engine.setup import deterministic_algorithms, make_optimizer, resolve_device, training_tensors
+from ..engine.tensorboard import TensorBoardLogger
 from ..functional import state
 from ..tasks import AttackDistribution
 from . import options as meta_options
@@ -51,6 +52,7 @@ def meta_train(
     checkpoint_every: int = 50,
     keep_last: int = 3,
     resume: bool | str | Path = False,
+    tensorboard: str | Path | None = None,
 ) -> TrainResult:
     """Meta-adversarial training: MAML over the attack types of ``tasks``.
 
@@ -68,6 +70,10 @@ def meta_train(
         keep_last: checkpoint files kept (older ones are deleted).
         resume: ``True``: continue from the newest good checkpoint in ``checkpoint_dir`` (or start if
             there is none); a path: continue from that file. The result equals an uninterrupted run.
+        tensorboard: a TensorBoard log directory (``None``: off): the meta-loss, gradient norm, bad steps,
+            learning rates and per-task query loss and accuracy (``query_acc/<task name>``) every
+            ``config.log_every`` meta-steps, and the config; a resume continues the same curves
+            (``engine/tensorboard.py``, docs/long_jobs.md). Needs ``pip install tensorboard``.
 
     Returns:
         ``TrainResult`` with ``.model`` (the same module, meta-parameters loaded, in eval mode; inside the
@@ -90,6 +96,7 @@ def meta_train(
     """
     config = _checked(model, tasks, config)
     checkpointing = Checkpointing(checkpoint_dir, checkpoint_every, keep_last, resume)
+    logger = TensorBoardLogger(tensorboard) if tensorboard is not None else None
     device = distributed.setup(resolve_device(config.device))  # under torchrun: join the group, cuda:LOCAL_RANK
     rank, world = distributed.rank(), distributed.world_size()
     meta_options.check(config, world)
@@ -111,7 +118,8 @@ def meta_train(
     step = _meta_step(model, tasks, config, options, task_rng, rank, world)
     with deterministic_algorithms(config.deterministic):
         result = fit(trainable, x, y, step, config.loop, checkpointing=checkpointing,
-                     config=_identity(config, tasks, model), progress=progress, desc="meta-train")  # fmt: skip
+                     config=_identity(config, tasks, model), progress=progress, desc="meta-train",
+                     logger=logger)  # fmt: skip
     result.artifacts = {o.artifact_name: o.artifact() for o in options if o.artifact_name is not None}
     return result
 

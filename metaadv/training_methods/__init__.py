@@ -71,6 +71,7 @@ def train(
     checkpoint_every: int = 50,
     keep_last: int = 3,
     resume: bool | str | Path = False,
+    tensorboard: str | Path | None = None,
     **settings: Any,
 ) -> TrainResult:
     """Train ``model`` in place with ``method`` (one of :func:`methods`); returns ``TrainResult`` (the model
@@ -87,6 +88,9 @@ def train(
             ``tasks_per_batch * (support_size + query_size)`` examples, which a given loop must match).
         checkpoint_dir, checkpoint_every, keep_last, resume: checkpoints for an exact resume (as in
             ``meta_train``); a step with a non-finite loss or gradient is skipped.
+        tensorboard: a TensorBoard log directory (``None``: off) for the logged steps' loss, gradient norm,
+            bad steps, learning rates and the method's own values (per task for the meta methods) and the
+            config; a resume continues the same curves (``engine/tensorboard.py``). Needs ``pip install tensorboard``.
         settings: the method's own settings, ``get(method).settings`` (name -> default): ``clean_weight``,
             TRADES's ``beta``, RAMP's ``ramp_lambda`` / ``ramp_beta``; for the meta methods the ``MetaConfig``
             fields that are not the loop's.
@@ -107,4 +111,5 @@ def train(
     if not isinstance(loop, LoopConfig):
         raise TypeError(f"loop must be a LoopConfig, got {type(loop).__name__}")
     checkpointing = Checkpointing(checkpoint_dir, checkpoint_every, keep_last, resume)
-    return entry.train(model, train_data, attacks, loop, settings, progress=progress, checkpointing=checkpointing)
+    return entry.train(model, train_data, attacks, loop, settings, progress=progress, checkpointing=checkpointing,
+                       tensorboard=tensorboard)  # fmt: skip

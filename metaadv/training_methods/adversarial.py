@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ from ..config import LoopConfig
 from ..engine import StepFn, StepOutput, Trainable, TrainResult, fit
 from ..engine.resume import Checkpointing
 from ..engine.setup import deterministic_algorithms, make_optimizer, resolve_device, training_tensors
+from ..engine.tensorboard import TensorBoardLogger
 from ..functional import model_fn, state
 from .method import Method
 
@@ -131,12 +133,15 @@ def fit_baseline(
     *,
     progress: bool,
     checkpointing: Checkpointing,
+    tensorboard: str | Path | None = None,
 ) -> TrainResult:
     """Train ``model`` in place with ``baseline`` over ``loop`` (optimizer, lr, weight decay, data order from
     ``loop.seed``, which also seeds the attacks' random starts); the result's history has ``loss``,
-    ``grad_norm``, ``skipped`` and ``bad_steps`` per step, plus what the baseline logs."""
+    ``grad_norm``, ``skipped`` and ``bad_steps`` per step, plus what the baseline logs. ``tensorboard``: a
+    TensorBoard log directory for those values and the learning rate (``engine/tensorboard.py``)."""
     resolved = resolve_attacks(baseline, attacks)
     values = check_settings(baseline, settings)
+    logger = TensorBoardLogger(tensorboard) if tensorboard is not None else None
     device = resolve_device(loop.device)
     torch.manual_seed(loop.seed)
     model.to(device)
@@ -147,7 +152,7 @@ def fit_baseline(
     identity = _identity(baseline, resolved, values, loop, model)
     with deterministic_algorithms(loop.deterministic):
         return fit(trainable, x, y, step, loop, checkpointing=checkpointing, config=identity, progress=progress,
-                   desc=baseline.name)  # fmt: skip
+                   desc=baseline.name, logger=logger)  # fmt: skip
 
 
 # Recorded for every baseline (at these defaults where it has no such setting), as the first checkpoints

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
@@ -74,6 +75,7 @@ def _train(
     *,
     progress: bool,
     checkpointing: Checkpointing,
+    tensorboard: str | Path | None = None,
 ) -> TrainResult:
     """``meta_train`` with the config of ``method``, ``loop`` and ``settings``; ``attacks``: an
     ``AttackDistribution``, or specs of one (uniform weights, seeded with ``loop.seed``)."""
@@ -82,7 +84,7 @@ def _train(
         attacks = AttackDistribution(attacks, seed=loop.seed)
     return meta_train(model, train_data, attacks, config, progress=progress, checkpoint_dir=checkpointing.directory,
                       checkpoint_every=checkpointing.every, keep_last=checkpointing.keep_last,
-                      resume=checkpointing.resume)  # fmt: skip
+                      resume=checkpointing.resume, tensorboard=tensorboard)  # fmt: skip
 
 
 def _method(name: str) -> Method:

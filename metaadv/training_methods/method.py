@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from torch import Tensor, nn
@@ -30,6 +31,7 @@ class TrainFn(Protocol):
         *,
         progress: bool,
         checkpointing: Checkpointing,
+        tensorboard: str | Path | None = None,  # a TensorBoard log directory (None: off)
     ) -> TrainResult: ...
 
 
