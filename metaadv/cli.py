@@ -23,7 +23,8 @@ from .attacks import make
 from .checkpoint import list_checkpoints
 from .config import RunConfig, load_run_config
 from .engine import NonFiniteLossError, TrainingInterrupted, resolve_device
-from .eval import ADAPT_METHODS, evaluate, external
+from .engine.tensorboard import log_report
+from .eval import ADAPT_METHODS, RobustnessReport, evaluate, external
 from .eval.compare import comparison_summary, comparison_table
 from .runs import load_run, read_run_config, save_run, write_config, write_history, write_json
 from .tasks import AttackDistribution
@@ -131,7 +132,7 @@ def _eval_settings(args: argparse.Namespace, settings: dict[str, Any]) -> dict[s
 
 
 def _report(model: torch.nn.Module, test: Any, settings: dict[str, Any], out: Path, quiet: bool,
-            source: dict[str, Any] | None = None) -> int:  # fmt: skip
+            source: dict[str, Any] | None = None) -> RobustnessReport:  # fmt: skip
     """Evaluate, print the table and write ``out/report.json`` (its ``meta.source``: what ``--model`` loaded):
     the one report of both forms of ``metaadv eval``."""
     start = time.perf_counter()
@@ -143,7 +144,7 @@ def _report(model: torch.nn.Module, test: Any, settings: dict[str, Any], out: Pa
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "report.json", report.to_json())
     print(f"wrote {out}/report.json")
-    return 0
+    return report
 
 
 def _eval_run(args: argparse.Namespace) -> int:
@@ -158,7 +159,13 @@ def _eval_run(args: argparse.Namespace) -> int:
     if not settings.get("attacks"):
         raise ValueError("no attacks to evaluate: pass --attacks or give eval.attacks in the run config")
     _, test = data.load(cfg.data, cfg.data_root)
-    return _report(model, test, settings, Path(args.out or args.checkpoint), args.quiet)
+    report = _report(model, test, settings, Path(args.out or args.checkpoint), args.quiet)
+    run = json.loads((Path(args.checkpoint) / "config.json").read_text()).get("run", {})
+    if run.get("tensorboard"):  # the run was logged to TensorBoard: its evaluation goes beside its curves
+        steps = len((Path(args.checkpoint) / "history.jsonl").read_text().splitlines())
+        log_report(run["tensorboard"], report, steps)
+        print(f"logged the report to TensorBoard in {run['tensorboard']} at step {steps}")
+    return 0
 
 
 def _eval_model(args: argparse.Namespace) -> int:
@@ -179,7 +186,8 @@ def _eval_model(args: argparse.Namespace) -> int:
             "package.module:factory with --weights"
         )
     source = {"model": args.model, "weights": args.weights, "data": args.data}
-    return _report(model, (x, y), settings, Path(args.out or "."), args.quiet, source)
+    _report(model, (x, y), settings, Path(args.out or "."), args.quiet, source)
+    return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

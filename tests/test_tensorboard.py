@@ -301,3 +301,16 @@ def test_cli_train_tensorboard_writes_events_and_records_the_directory_in_config
     acc = events(tb)
     assert steps_of(acc, "loss") == [1, 2] and steps_of(acc, "query_acc/fgsm") == [1, 2]
     assert json.loads((out / "config.json").read_text())["run"]["tensorboard"] == str(tb.resolve())
+
+
+def test_cli_eval_of_a_logged_run_writes_its_report_beside_the_training_curves(tmp_path):
+    (tmp_path / "run.yaml").write_text(CONFIG)
+    out, tb = tmp_path / "run", tmp_path / "tb"
+    train = ["train", "--config", str(tmp_path / "run.yaml"), "--out", str(out), "--steps", "2", "--quiet"]
+    assert main([*train, "--tensorboard", str(tb)]) == 0
+    next_second()
+    assert main(["eval", "--checkpoint", str(out), "--attacks", "fgsm(eps=0.1)", "--n-examples", "16", "--quiet"]) == 0
+    acc = events(tb)
+    assert steps_of(acc, "loss") == [1, 2] and steps_of(acc, "eval/union") == [2]
+    report = json.loads((out / "report.json").read_text())
+    assert curve(acc, "eval/union")[0][1] == pytest.approx(report["union_acc"])
