@@ -44,6 +44,19 @@ def erm_model(mnist5k) -> SmallCNN:
 
 
 @pytest.fixture(scope="session")
+def images() -> tuple[Tensor, Tensor]:
+    """64 random images x (64, 1, 28, 28) in [0, 1] and labels y (64,) in 0..9."""
+    gen = torch.Generator().manual_seed(0)
+    return torch.rand(64, 1, 28, 28, generator=gen), torch.randint(0, 10, (64,), generator=gen)
+
+
+def same_weights(a: nn.Module, b: nn.Module) -> bool:
+    """Whether two modules hold the same tensors, bit for bit."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.fixture(scope="session")
 def mnist_batch(mnist5k) -> tuple[Tensor, Tensor]:
     """The first 200 test digits: x (200, 1, 28, 28) in [0, 1], y (200,)."""
     _, test = mnist5k

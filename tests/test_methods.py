@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import same_weights
 
 import metaadv as ma
 from metaadv import training_methods
@@ -23,21 +24,9 @@ BASELINES = ["erm", "pgd_at", "fast_at", "trades", "avg", "max", "msd", "sat", "
 SPECS = ["fgsm(eps=0.3)", "pgd_linf(eps=0.3, steps=1)"]
 
 
-@pytest.fixture(scope="module")
-def images() -> tuple[torch.Tensor, torch.Tensor]:
-    """64 random images x (64, 1, 28, 28) in [0, 1] and labels y (64,) in 0..9."""
-    gen = torch.Generator().manual_seed(0)
-    return torch.rand(64, 1, 28, 28, generator=gen), torch.randint(0, 10, (64,), generator=gen)
-
-
 def tiny_model() -> SmallCNN:
     torch.manual_seed(0)
     return SmallCNN(hidden=16)
-
-
-def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 # --- the registry -------------------------------------------------------------------------------------

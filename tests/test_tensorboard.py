@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import same_weights
 
 import metaadv as ma
 from metaadv.attacks import make
@@ -29,13 +31,6 @@ tensor_util = pytest.importorskip("tensorboard.util.tensor_util")
 
 SPECS = ["fgsm(eps=0.3)", "pgd_linf(eps=0.3, steps=1)"]
 TASKS = ["fgsm", "pgd_linf"]  # the task names of SPECS
-
-
-@pytest.fixture(scope="module")
-def images() -> tuple[torch.Tensor, torch.Tensor]:
-    """64 random images x (64, 1, 28, 28) in [0, 1] and labels y (64,) in 0..9."""
-    gen = torch.Generator().manual_seed(0)
-    return torch.rand(64, 1, 28, 28, generator=gen), torch.randint(0, 10, (64,), generator=gen)
 
 
 def tiny_model() -> SmallCNN:
@@ -88,11 +83,6 @@ def next_second() -> None:
     """Event files are named by the second they were opened in, and read in name order: a resumed segment's
     file must sort after the first segment's, as it always does outside a test."""
     time.sleep(1.02 - time.time() % 1)
-
-
-def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 # --- what a run logs ----------------------------------------------------------------------------------------
@@ -314,3 +304,14 @@ def test_cli_eval_of_a_logged_run_writes_its_report_beside_the_training_curves(t
     assert steps_of(acc, "loss") == [1, 2] and steps_of(acc, "eval/union") == [2]
     report = json.loads((out / "report.json").read_text())
     assert curve(acc, "eval/union")[0][1] == pytest.approx(report["union_acc"])
+
+
+def test_the_readme_tensorboard_command_runs_as_written(tmp_path, monkeypatch):
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    line = next(ln for ln in readme.splitlines() if "--tensorboard" in ln and ln.startswith(".venv/bin/metaadv"))
+    argv = shlex.split(line, comments=True)[1:]
+    monkeypatch.chdir(tmp_path)
+    root = Path(__file__).parents[1]
+    argv = [str(root / a) if a.startswith("configs/") else a for a in argv]
+    assert main([*argv, "--steps", "2", "--quiet"]) == 0  # the README's run, for two meta-steps
+    assert steps_of(events(tmp_path / "runs" / "tb" / "demo"), "loss") == [1, 2]
