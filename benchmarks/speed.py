@@ -2,6 +2,7 @@
 
     python benchmarks/speed.py            # full: ~5 minutes on 2 CPU cores
     python benchmarks/speed.py --quick    # a smoke run in well under a minute
+    python benchmarks/speed.py --ops      # also the kernel launches and host syncs per step (+ ~15 minutes on CPU)
 
 Prints markdown tables and writes benchmarks/results/speed_<device>.json and a scaling plot beside it:
 - metaadv's meta-step (looped over tasks, the default) vs its task-batched execution
@@ -16,6 +17,8 @@ Prints markdown tables and writes benchmarks/results/speed_<device>.json and a s
   (attack steps + inner steps + query pass) timed alone.
 - scaling: meta-step time (looped and batched) vs tasks (1..16) and vs inner steps (1..5), with the memory
   the autograd graph of the looped step holds for the meta-backward (and the CUDA peak on a GPU).
+- with ``--ops``: the kernel launches and host syncs of one step (pgd_at, meta looped, meta batched; 1..32
+  tasks), counted on CPU whatever ``--device`` is (``benchmarks/op_count.py``), in the JSON under ``ops``.
 Timings are medians over interleaved repeats (variants alternate), after warm-up.
 """
 
@@ -30,6 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import higher
+import op_count  # benchmarks/op_count.py: launches and host syncs of a step, counted on CPU
 import torch
 import torch.nn.functional as F
 import torchattacks
@@ -218,11 +222,22 @@ def plot_scaling(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def ops_table(quick: bool, shots: int, steps: int) -> dict:
+    """Print and return ``op_count.op_table`` at the timed sizes: variant -> tasks -> {ops, syncs, ratio, ...}."""
+    tasks = (1, 2) if quick else (1, 2, 4, 8, 16, 32)
+    attack = f"pgd_linf(eps={EPS}, steps={steps})"
+    table = op_count.op_table(tasks, shots, attack)
+    print(f"\n## Kernel launches and host syncs per step (counted on CPU; {shots}+{shots} per task, {attack})\n")
+    print("\n".join(op_count.markdown(table, shots)))
+    return table
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes and few repeats (smoke test)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/speed_<device>.json)")
+    p.add_argument("--ops", action="store_true", help="also count kernel launches and host syncs per step (on CPU)")
     args = p.parse_args()
     device = resolve_device(args.device)
     quick = args.quick
@@ -261,6 +276,9 @@ def main() -> None:
         scaling_row(device, t, shots, steps, 1, r) for t in ((1, 2, 4) if quick else (1, 2, 4, 8, 16))
     ]
     result["scaling_inner"] = [scaling_row(device, 4, shots, steps, k, r) for k in ((1, 2) if quick else (1, 2, 3, 5))]
+
+    if args.ops:
+        result["ops"] = ops_table(quick, shots, steps)
 
     out = Path(args.out or f"benchmarks/results/speed_{device.type}{'_quick' if quick else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

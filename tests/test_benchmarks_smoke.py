@@ -217,3 +217,43 @@ def test_unforeseen_protocols_run_in_quick_mode(name, tmp_path, monkeypatch):
         assert set(record["heldout"]["attacks"]) == {ma.attacks.make(a).spec for a in protocol["held_out"]}
         assert set(record["adapted"]["4"]["adapted_union"]) == {"sgd", "bn"}
         assert 0 <= record["heldout"]["union_acc"] <= 1
+
+
+# --- kernel launches and host syncs (benchmarks/op_count.py) -------------------------------------------------
+
+
+def test_the_op_counter_counts_a_small_computation_exactly():
+    import op_count
+    import torch
+
+    a, b = torch.randn(3), torch.randn(3)
+    with op_count.OpCounter() as counter:
+        s = a + b  # one launch
+        s.view(3, 1).t().unsqueeze(0)  # views: no launch
+        s.sum().item()  # one launch, one sync
+    assert counter.counts.ops == {"aten.add": 1, "aten.sum": 1} and counter.counts.n_syncs == 1
+
+    x = torch.randn(4, requires_grad=True)
+    g, tolist = torch.Generator().manual_seed(0), torch.Tensor.tolist
+    with op_count.OpCounter() as counter:
+        (x * x).sum().backward()  # forward: mul, sum, the gradient seed ones_like; autograd: the backward
+        x.detach().tolist()  # a sync that dispatches nothing on CPU
+        torch.multinomial(torch.ones(3), 2, generator=g).tolist()  # host tensors: no launch, no sync
+    c = counter.counts
+    assert c.phases["forward"] == 3 and c.phases["autograd"] == 3 and c.n_syncs == 1
+    assert c.host_ops == {"aten.ones": 1, "aten.multinomial": 1} and sum(c.host_reads.values()) == 1
+    assert torch.Tensor.tolist is tolist  # the wrappers are gone after the block
+    with op_count.OpCounter() as counter:
+        torch.as_tensor(0.3, device=a.device)  # a Python number copied to the device: a launch and a sync
+    assert counter.counts.ops == {"h2d copy": 1} and counter.counts.n_syncs == 1
+
+
+def test_op_counts_of_a_step_are_positive_and_looped_meta_launches_at_least_batched():
+    import op_count
+
+    w = op_count.Workload(tasks=2, shots=4, attack="pgd_linf(eps=0.3, steps=1)", hidden=8)
+    counts = {v: op_count.step_counts(v, w) for v in op_count.VARIANTS}
+    assert all(c.n_ops > 0 and c.n_syncs > 0 for c in counts.values())
+    assert counts["meta"].n_ops >= counts["meta_batched"].n_ops
+    assert counts["meta"].n_syncs >= counts["meta_batched"].n_syncs
+    assert all(c.phases["optimizer"] > 0 and c.phases["autograd"] > 0 for c in counts.values())
