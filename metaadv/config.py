@@ -15,7 +15,7 @@ from typing import Any
 
 from .validation import is_int
 
-__all__ = ["OPTIMIZERS", "LoopConfig", "MetaConfig", "RunConfig", "load_run_config", "read_config_file",
+__all__ = ["LOOP_FIELDS", "OPTIMIZERS", "LoopConfig", "MetaConfig", "RunConfig", "load_run_config", "read_config_file",
            "run_config_from"]  # fmt: skip
 
 OPTIMIZERS = ("adam", "sgd")  # the optimizers every method may use (see engine.make_optimizer)
@@ -61,6 +61,12 @@ class LoopConfig:
 def _require(config: Any, name: str, ok: bool, allowed: str) -> None:
     if not ok:
         raise ValueError(f"{type(config).__name__}.{name} must be {allowed}, got {getattr(config, name)!r}")
+
+
+# MetaConfig field -> the LoopConfig field it is (a meta-step's batch size is derived: ``examples_per_step``).
+LOOP_FIELDS = {"outer_optimizer": "optimizer", "outer_lr": "lr", "weight_decay": "weight_decay", "epochs": "epochs",
+               "steps": "steps", "seed": "seed", "device": "device", "log_every": "log_every",
+               "max_bad_steps": "max_bad_steps", "deterministic": "deterministic"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -146,10 +152,8 @@ class MetaConfig:
     def loop(self) -> LoopConfig:
         """The training loop of this config: one meta-step per batch of ``examples_per_step`` examples, the
         meta-optimizer's settings as the loop's optimizer."""
-        return LoopConfig(epochs=self.epochs, steps=self.steps, batch_size=self.examples_per_step,
-                          optimizer=self.outer_optimizer, lr=self.outer_lr, weight_decay=self.weight_decay,
-                          seed=self.seed, device=self.device, log_every=self.log_every,
-                          max_bad_steps=self.max_bad_steps, deterministic=self.deterministic)  # fmt: skip
+        fields = {loop: getattr(self, meta) for meta, loop in LOOP_FIELDS.items()}
+        return LoopConfig(batch_size=self.examples_per_step, **fields)
 
     def first_order_at(self, step: int | None) -> bool:
         """Whether meta-step ``step`` (0-based) uses first-order meta-gradients: ``first_order``, or

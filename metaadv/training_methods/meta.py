@@ -1,8 +1,9 @@
 """The meta methods: ``meta`` (MAML over the attack types, every ``MetaConfig`` field a setting), ``meta_fo``
 and ``meta_so`` (the same, first- or second-order), trained by ``metaadv.meta.meta_train``.
 
-The loop's fields map onto ``MetaConfig``'s (``LOOP_FIELDS``); one step consumes a meta-batch of
-``tasks_per_batch * (support_size + query_size)`` examples, which must be the loop's ``batch_size``.
+The loop's fields map onto ``MetaConfig``'s (``config.LOOP_FIELDS``; the other fields are the meta methods'
+settings); one step consumes a meta-batch of ``tasks_per_batch * (support_size + query_size)`` examples, which
+must be the loop's ``batch_size``.
 """
 
 from __future__ import annotations
@@ -17,19 +18,15 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from ..attacks import Attack
-from ..config import LoopConfig, MetaConfig
+from ..config import LOOP_FIELDS, LoopConfig, MetaConfig
 from ..engine import TrainResult
 from ..engine.resume import Checkpointing
 from ..meta import meta_train
 from ..tasks import AttackDistribution
 from .method import Method
 
-__all__ = ["LOOP_FIELDS", "METHODS", "PINNED", "default_loop", "meta_config", "settings_of"]
+__all__ = ["METHODS", "PINNED", "default_loop", "meta_config", "settings_of"]
 
-# MetaConfig field -> the LoopConfig field it comes from (the others are the meta methods' settings)
-LOOP_FIELDS = {"outer_optimizer": "optimizer", "outer_lr": "lr", "weight_decay": "weight_decay", "epochs": "epochs",
-               "steps": "steps", "seed": "seed", "device": "device", "log_every": "log_every",
-               "max_bad_steps": "max_bad_steps", "deterministic": "deterministic"}  # fmt: skip
 # method -> the MetaConfig fields it fixes (not settings of that method)
 PINNED: dict[str, dict[str, Any]] = {"meta": {}, "meta_fo": {"first_order": True}, "meta_so": {"first_order": False}}
 _SUMMARIES = {
