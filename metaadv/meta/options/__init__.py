@@ -46,6 +46,9 @@ OPTIONS: tuple[type[MetaOption], ...] = (
     PersistentGenerators,
 )
 
+# artifact name -> the option class that saves, loads and adapts with it
+_BY_ARTIFACT = {cls.artifact_name: cls for cls in OPTIONS if cls.artifact_name is not None}
+
 
 def enabled(config: Any) -> list[type[MetaOption]]:
     """The option classes ``config`` turns on, in ``OPTIONS`` order."""
@@ -87,25 +90,22 @@ def check_given(config: Any, options: Sequence[MetaOption]) -> None:
 
 def save_artifacts(artifacts: Mapping[str, Any]) -> dict[str, Any]:
     """The artifacts a run directory keeps (``meta_state.pt``): name -> tensors and plain values."""
-    by_name = {cls.artifact_name: cls for cls in OPTIONS}
-    saved = {name: by_name[name].save_artifact(a) for name, a in artifacts.items() if name in by_name}
+    saved = {name: _BY_ARTIFACT[name].save_artifact(a) for name, a in artifacts.items() if name in _BY_ARTIFACT}
     return {name: value for name, value in saved.items() if value is not None}
 
 
 def load_artifacts(model: nn.Module, saved: Mapping[str, Any]) -> dict[str, Any]:
     """``save_artifacts``'s inverse, for the run's rebuilt model; ValueError naming an unknown artifact."""
-    by_name = {cls.artifact_name: cls for cls in OPTIONS}
-    unknown = sorted(set(saved) - set(by_name))
+    unknown = sorted(set(saved) - set(_BY_ARTIFACT))
     if unknown:
-        raise ValueError(f"unknown meta-option artifacts {unknown}; known: {sorted(n for n in by_name if n)}")
-    return {name: by_name[name].load_artifact(model, value) for name, value in saved.items()}
+        raise ValueError(f"unknown meta-option artifacts {unknown}; known: {sorted(_BY_ARTIFACT)}")
+    return {name: _BY_ARTIFACT[name].load_artifact(model, value) for name, value in saved.items()}
 
 
 def artifact_eval_options(artifacts: Mapping[str, Any]) -> dict[str, Any]:
     """``evaluate``'s keyword arguments that adapt with a run's artifacts (e.g. ``adapt_lr`` from Meta-SGD's)."""
-    by_name = {cls.artifact_name: cls for cls in OPTIONS}
     out: dict[str, Any] = {}
     for name, artifact in artifacts.items():
-        if name in by_name:
-            out |= by_name[name].eval_options(artifact)
+        if name in _BY_ARTIFACT:
+            out |= _BY_ARTIFACT[name].eval_options(artifact)
     return out
