@@ -42,9 +42,10 @@ class AttackTask:
         """The task type's name, e.g. ``"pgd_linf"``: equal for every eps drawn from one type."""
         return self.attack.name
 
-    def __call__(self, model_fn: Any, x: Tensor, y: Tensor) -> Tensor:
-        """Adversarial examples of this task: ``x`` (B, C, H, W) in [0, 1] -> x_adv of the same shape."""
-        return self.attack(model_fn, x, y) if self.runner is None else self.runner(model_fn, x, y)
+    def __call__(self, model_fn: Any, x: Tensor, y: Tensor, *, check: bool = True) -> Tensor:
+        """Adversarial examples of this task: ``x`` (B, C, H, W) in [0, 1] -> x_adv of the same shape.
+        ``check=False``: inputs already checked (``Attack.__call__``; a runner checks nothing)."""
+        return self.attack(model_fn, x, y, check=check) if self.runner is None else self.runner(model_fn, x, y)
 
 
 class AttackDistribution:

@@ -17,8 +17,13 @@ __all__ = ["L0", "L1", "L2", "NORMS", "Linf", "LpNorm", "per_example", "project_
 
 
 def per_example(value: float | Tensor, x: Tensor) -> Tensor:
-    """A float or a (B,)/0-d tensor as a (B, 1, 1, 1) tensor on x's device and dtype."""
-    t = torch.as_tensor(value, dtype=x.dtype, device=x.device)
+    """A float or a (B,)/0-d tensor as a (B, 1, 1, 1) tensor on x's device and dtype.
+
+    A float is filled on the device (one kernel, where ``torch.as_tensor`` would be a blocking host copy)."""
+    if isinstance(value, Tensor):
+        t = value.to(device=x.device, dtype=x.dtype)
+    else:
+        t = torch.full((), value, dtype=x.dtype, device=x.device)
     return t.reshape(-1, *([1] * (x.dim() - 1))).expand(x.shape[0], *([1] * (x.dim() - 1)))
 
 

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from ..types import ModelFn
 from ..validation import check_images, check_labels, check_logits
+from ..views import cat_rows, to_device
 from .registry import AttackEntry, lookup
 
 __all__ = ["Attack", "ModelFn", "group_by_batch_key", "make", "parse", "run_grouped"]
@@ -118,24 +119,25 @@ class Attack:
         """A validated copy with some hyper-parameters changed, e.g. ``attack.replace(eps=0.2)``."""
         return Attack(self.name, {**self.params, **changes})
 
-    def __call__(self, model_fn: ModelFn, x: Tensor, y: Tensor, **overrides: Any) -> Tensor:
+    def __call__(self, model_fn: ModelFn, x: Tensor, y: Tensor, *, check: bool = True, **overrides: Any) -> Tensor:
         """Adversarial examples for images ``x`` (B, C, H, W) in [0, 1] with labels ``y`` (B,).
 
         ``model_fn`` is any callable images -> logits (B, K): an ``nn.Module`` or a closure over
         ``torch.func.functional_call``. ``overrides`` change hyper-parameters for this call only and
         may be per-example tensors of shape (B,) where the attack supports it (``eps``, ``alpha``).
-        Returns ``x_adv`` detached, same shape, dtype and device as ``x``.
+        ``check=False`` skips the checks of the images' range, the labels and the logits, each of which
+        reads a value back from the device (a host sync on a GPU): for inputs already checked, as the
+        training loops' are. Returns ``x_adv`` detached, same shape, dtype and device as ``x``.
         """
         if not callable(model_fn):
             raise TypeError(f"model_fn must be callable (images -> logits), got {type(model_fn).__name__}")
-        x = check_images(x).detach()
-        y = check_labels(y, x.shape[0])
+        x, y = (check_images(x), check_labels(y, x.shape[0])) if check else (x, y.long())
         params = dict(self.params)
         if overrides:
             params.update(self._entry.resolve_overrides(overrides, x.shape[0]))
-        checked = _CheckedModel(model_fn, y)
+        target = _CheckedModel(model_fn, y) if check else model_fn
         with _preserve_module_state(model_fn), torch.enable_grad():
-            x_adv = self._entry.fn(checked, x, y, **params)
+            x_adv = self._entry.fn(target, x.detach(), y, **params)
         return x_adv.detach().to(dtype=x.dtype)
 
     def __repr__(self) -> str:
@@ -211,15 +213,12 @@ def run_grouped(
     first = attacks[0]
     if len(attacks) > 1 and (first.batch_key is None or any(a.batch_key != first.batch_key for a in attacks)):
         raise ValueError(f"attacks differ in more than eps, cannot run as one call: {[a.spec for a in attacks]}")
-    x, y = (torch.cat(list(xs)), torch.cat(list(ys))) if len(xs) > 1 else (xs[0], ys[0])
+    x, y = cat_rows(xs), cat_rows(ys)
     params = dict(first.params)
-    if first.batch_key is not None:  # eps as a (B,) tensor filled on the device: no copy from the host
-        sizes = [len(xi) for xi in xs]
-        fill = [
-            torch.full((n,), a.params["eps"], dtype=x.dtype, device=x.device)
-            for a, n in zip(attacks, sizes, strict=True)
-        ]
-        params["eps"] = torch.cat(fill)
+    if first.batch_key is not None:  # eps as a (B,) tensor, built on the host, sent without a host sync
+        sizes = torch.tensor([len(xi) for xi in xs])
+        eps = torch.tensor([a.params["eps"] for a in attacks], dtype=x.dtype).repeat_interleave(sizes)
+        params["eps"] = to_device(eps, x.device)
     with _preserve_module_state(model_fn), torch.enable_grad():
         x_adv = first._entry.fn(model_fn, x.detach(), y.long(), **params).detach().to(dtype=x.dtype)
     return list(x_adv.split([len(xi) for xi in xs]))

@@ -289,7 +289,9 @@ def apply_step(trainable: Trainable, step: StepFn, x: Tensor, y: Tensor, index: 
     optimizer.zero_grad(set_to_none=True)
     out.objective.backward()
     objective = distributed.all_reduce_gradients(params, out.objective) if world > 1 else out.objective
-    norms = [torch.linalg.vector_norm(p.grad) for p in params if p.grad is not None]
+    grads = [p.grad for p in params if p.grad is not None]
+    # one launch for every tensor's norm (per tensor on CPU, fused on CUDA), as clip_grad_norm_ does
+    norms = torch._foreach_norm(grads) if grads else []
     grad_norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros((), device=objective.device)
     logged = [t.detach().reshape(-1) for t in out.logged.values()]
     loss = objective.detach() if out.loss is None else out.loss.detach()

@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 
 from ..config import OPTIMIZERS
 from ..data import to_tensors
-from ..validation import check_labels, check_logits
+from ..validation import check_images, check_labels, check_logits
 
 __all__ = ["deterministic_algorithms", "make_optimizer", "resolve_device", "training_tensors"]
 
@@ -41,11 +41,16 @@ def make_optimizer(params: Any, name: str, lr: float, weight_decay: float = 0.0)
 
 
 def training_tensors(
-    model: nn.Module, data: Dataset | tuple[Tensor, Tensor], device: torch.device
+    model: nn.Module, data: Dataset | tuple[Tensor, Tensor], device: torch.device, *, images: bool = True
 ) -> tuple[Tensor, Tensor]:
-    """The training set as tensors on ``device``: x (N, C, H, W), y (N,), checked against the model's output."""
+    """The training set as tensors on ``device``: x (N, C, H, W), y (N,), checked against the model's output.
+
+    ``images``: also check that x holds images in [0, 1], once here, so that the training-time attacks can skip
+    their per-call checks (``Attack(..., check=False)``), which read values back from the device."""
     x, y = to_tensors(data)
     x, y = x.to(device), y.to(device)
+    if images:
+        check_images(x, "training images")
     was_training = model.training
     model.eval()  # an eval-mode probe leaves BatchNorm statistics untouched
     try:

@@ -1,7 +1,8 @@
 """The inner loop: adapt a functional copy of a model with SGD steps on a support set.
 
 One ``adapt`` serves meta-training (differentiable, second order by default) and few-shot evaluation;
-``adapt_tasks`` runs the same update rule for a batch of tasks at once (``vmap``, task-batched meta-step).
+``adapt_tasks`` runs the same update rule for a batch of tasks at once (vmapped forward passes, the
+task-batched meta-step).
 Options of the update rule (docs/meta_options.md): adapt only the head (ANIL), a proximal term pulling the
 adapted copy towards the start (soft parameter sharing), and per-parameter step sizes (Meta-SGD).
 """
@@ -13,12 +14,11 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import grad, vmap
 
-from ..batchnorm import BatchNormFromPrimitives
 from ..config import INNER_PARAMS
-from ..functional import Params, call, clone_buffers, detach, state
+from ..functional import Params, call, clone_buffers, state
 from ..validation import check_positive
+from .batched import task_forward, task_losses_of
 
 __all__ = ["adapt", "adapt_tasks", "init_inner_lr", "inner_parameter_names"]
 
@@ -119,7 +119,7 @@ def adapt_tasks(
     y: Tensor,
     *,
     params: Mapping[str, Tensor] | None = None,
-    buffers: Mapping[str, Tensor] | None = None,
+    buffers: Mapping[str, Tensor] | Sequence[Mapping[str, Tensor]] | None = None,
     steps: int = 1,
     lr: LearningRate = 0.01,
     first_order: bool = False,
@@ -129,30 +129,37 @@ def adapt_tasks(
 ) -> Params:
     """``adapt`` for T tasks at once: support images ``x`` (T, S, C, H, W), labels ``y`` (T, S).
 
-    The same update rule as ``adapt``, vmapped over the task dimension, with the gradient from
-    ``torch.func.grad`` (``torch.autograd.grad`` does not run under vmap; first order takes it at a
-    detached copy). Returns adapted parameters name -> (T, *shape), differentiable w.r.t. ``params``
-    as ``adapt``'s are (parameters the inner loop does not adapt are expanded views of ``params``).
-    BatchNorm is computed from primitives (native BatchNorm's second-order gradients are wrong under
-    vmap) and never moves running statistics: ``buffers`` (default: the model's) are read, not updated.
-    Unlike ``adapt`` it cannot run inside ``torch.autograd.graph.saved_tensors_hooks`` (torch.func's limitation).
+    The same update rule as ``adapt``: each step's forward pass runs the T copies at once
+    (``batched.task_forward``) and one ``torch.autograd.grad`` of the summed task losses gives every task's
+    gradient. Returns adapted parameters name -> (T, *shape), differentiable w.r.t. ``params`` as
+    ``adapt``'s are (parameters the inner loop does not adapt are expanded views of ``params``). BatchNorm
+    normalizes each task with its own batch statistics and never moves running statistics: ``buffers``
+    (default: the model's; a sequence: one dict per step, as in ``adapt``) are read, not updated.
     """
     theta, fast, own_buffers = _start(model, params, steps, lr, inner_params, proximal)
-    scratch = clone_buffers(own_buffers if buffers is None else buffers)  # BatchNorm's batch counts land here
+    per_step = iter(_step_buffers(own_buffers if buffers is None else buffers, steps))
+    n, names = len(x), list(fast)
+    leaves = [v if v.requires_grad else v.detach().requires_grad_() for v in fast.values()]
+    # The adapted parameters as one (T, P) tensor, so that each update is one kernel whatever their number;
+    # the model reads views of it. Meta-SGD's step sizes are flattened alike.
+    start = {"flat": torch.cat([v.reshape(-1) for v in leaves]).expand(n, -1)}
+    flat_lr = {"flat": torch.cat([lr[k].reshape(-1) for k in names])} if isinstance(lr, Mapping) else lr
 
-    def one_task(xs: Tensor, ys: Tensor) -> Params:
-        def support_loss(fast: Params, theta: Params, scratch: Params) -> Tensor:  # torch.func lets scratch mutate
-            return loss_fn(call(model, {**theta, **fast}, scratch, xs), ys)
+    def unflatten(flat: Tensor) -> Params:
+        views = flat.split([v.numel() for v in leaves], dim=1)
+        return {k: w.view(n, *v.shape) for k, w, v in zip(names, views, leaves, strict=True)}
 
-        def gradient(fast: Params) -> Params:
-            at = (detach(fast), detach(theta)) if first_order else (fast, theta)
-            return grad(support_loss)(*at, scratch)
+    def gradient(fast: Params) -> Params:
+        views = unflatten(fast["flat"])
+        logits, _ = task_forward(model, {**theta, **views}, next(per_step), x, batched=views,
+                                 second_order=not first_order)  # fmt: skip
+        loss = task_losses_of(loss_fn, logits, y).sum()  # the tasks' losses are independent
+        grads = torch.autograd.grad(loss, list(views.values()), create_graph=not first_order)
+        return {"flat": torch.cat([g.reshape(n, -1) for g in grads], 1)}
 
-        return _sgd_steps(fast, gradient, steps, lr, proximal)
-
-    with BatchNormFromPrimitives(), torch.enable_grad():
-        adapted = vmap(one_task)(x, y)
-    return {k: adapted[k] if k in adapted else v.expand(len(x), *v.shape) for k, v in theta.items()}
+    with torch.enable_grad():
+        adapted = unflatten(_sgd_steps(start, gradient, steps, flat_lr, proximal)["flat"])
+    return {k: adapted[k] if k in adapted else v.expand(n, *v.shape) for k, v in theta.items()}
 
 
 def _start(

@@ -8,13 +8,14 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import vmap
 
-from ..attacks.spec import run_grouped
-from ..batchnorm import BatchNormFromPrimitives, update_running_stats
+from ..attacks.spec import group_by_batch_key, run_grouped
+from ..batchnorm import update_running_stats
 from ..config import MetaConfig
-from ..functional import Params, call, clone_buffers, model_fn
+from ..functional import Params, call, model_fn
 from ..tasks import AttackTask
+from ..views import stack_rows
+from .batched import task_cross_entropy, task_forward, task_model_fn
 from .craft import attack_precision
 from .inner import adapt, adapt_tasks
 from .options import check_given
@@ -70,7 +71,7 @@ def task_losses(
         query = s.query
         if query is None:
             with attack_precision(config, s.query_clean.device):
-                query = task(model_fn(model, adapted, task_loop.attack_buffers), s.query_clean, s.query_y)
+                query = task(model_fn(model, adapted, task_loop.attack_buffers), s.query_clean, s.query_y, check=False)
         out.append(query_loss(model, adapted, task_loop.query_buffers, query, s.query_clean, s.query_y,
                               config.clean_weight))  # fmt: skip
     loss, adv_loss, adv_acc = (torch.stack(v) for v in zip(*out, strict=True))
@@ -86,29 +87,39 @@ def _batched_losses(
     config: MetaConfig,
     loop: InnerLoop,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    support = torch.stack([s.support for s in sets])  # (T, S, C, H, W)
-    support_y = torch.stack([s.support_y for s in sets])  # (T, S)
-    adapted = adapt_tasks(model, support, support_y, params=params, buffers=buffers, **loop.settings)
-    with attack_precision(config, support.device):
-        queries = [
-            s.query if s.query is not None
-            else run_grouped([task.attack], model_fn(model, {k: v[i] for k, v in adapted.items()}, buffers),
-                             [s.query_clean], [s.query_y])[0]
-            for i, (task, s) in enumerate(zip(tasks, sets, strict=True))
-        ]  # fmt: skip
-    query = torch.stack(queries)  # (T, Q, C, H, W); adapted: name -> (T, *shape)
-    query_clean = torch.stack([s.query_clean for s in sets])
-    query_y = torch.stack([s.query_y for s in sets])  # (T, Q)
-    scratch = clone_buffers(buffers)  # read by the vmapped pass; ``buffers`` are updated after it
+    support = stack_rows([s.support for s in sets])  # (T, S, C, H, W)
+    support_y = stack_rows([s.support_y for s in sets])  # (T, S)
+    adapted = adapt_tasks(model, support, support_y, params=params, **{"buffers": loop.buffers, **loop.settings})
+    query_clean, query_y = stack_rows([s.query_clean for s in sets]), stack_rows([s.query_y for s in sets])
+    query = _adapted_queries(model, adapted, loop.attack_buffers, tasks, sets, config)  # (T, Q, C, H, W)
+    x = torch.cat([query, query_clean], 1) if config.clean_weight > 0 else query
+    logits, batch_stats = task_forward(model, adapted, loop.query_buffers, x, record=True)  # (T, Q or 2Q, K)
+    update_running_stats(model, loop.query_buffers, batch_stats)
+    adv_logits = logits[:, : query_y.shape[1]]
+    adv_loss = loss = task_cross_entropy(adv_logits, query_y)  # (T,)
+    if config.clean_weight > 0:
+        clean = task_cross_entropy(logits[:, query_y.shape[1] :], query_y)
+        loss = (1 - config.clean_weight) * adv_loss + config.clean_weight * clean
+    adv_acc = (adv_logits.argmax(-1) == query_y).float().mean(1)
+    return loss, adv_loss.detach(), adv_acc.detach()
 
-    def one_query(theta: Params, xq_adv: Tensor, xq: Tensor, yq: Tensor) -> tuple:
-        with BatchNormFromPrimitives(scratch) as bn:
-            out = query_loss(model, theta, scratch, xq_adv, xq, yq, config.clean_weight)
-        return out, bn.batch_stats
 
-    (loss, adv_loss, adv_acc), batch_stats = vmap(one_query)(adapted, query, query_clean, query_y)
-    update_running_stats(model, buffers, batch_stats)
-    return loss, adv_loss, adv_acc
+def _adapted_queries(
+    model: nn.Module, adapted: Params, buffers: Params, tasks: Sequence[AttackTask], sets: Sequence[TaskSets],
+    config: MetaConfig,
+) -> Tensor:  # fmt: skip
+    """Each task's adversarial query set (T, Q, C, H, W): as crafted, or (None) crafted now against the task's
+    adapted copy, one attack call per attack family (``group_by_batch_key``) for all its tasks at once."""
+    missing = [i for i, s in enumerate(sets) if s.query is None]
+    queries = {i: s.query for i, s in enumerate(sets) if s.query is not None}
+    with attack_precision(config, sets[0].query_clean.device):
+        for group in group_by_batch_key([tasks[i].attack for i in missing]):
+            group = [missing[j] for j in group]
+            target = task_model_fn(model, adapted, buffers, group)
+            crafted = run_grouped([tasks[i].attack for i in group], target, [sets[i].query_clean for i in group],
+                                  [sets[i].query_y for i in group])  # fmt: skip
+            queries.update(zip(group, crafted, strict=True))
+    return stack_rows([queries[i] for i in range(len(sets))])
 
 
 def query_loss(

@@ -102,7 +102,7 @@ def attack_losses(model: nn.Module, attacks: Sequence[Attack], x: Tensor, y: Ten
     with scratch BatchNorm statistics; one forward over all A batches (BN statistics over A * B examples)."""
     params, buffers = state(model)
     target = model_fn(model, params, buffers)
-    advs = [attack(target, x, y) for attack in attacks]
+    advs = [attack(target, x, y, check=False) for attack in attacks]  # the data is checked once
     logits = model(torch.cat(advs))  # (A * B, K)
     return F.cross_entropy(logits, y.repeat(len(advs)), reduction="none").view(len(advs), -1)
 
@@ -145,7 +145,7 @@ def fit_baseline(
     device = resolve_device(loop.device)
     torch.manual_seed(loop.seed)
     model.to(device)
-    x, y = training_tensors(model, train_data, device)
+    x, y = training_tensors(model, train_data, device, images=bool(resolved))
     optimizer = make_optimizer(model.parameters(), loop.optimizer, loop.lr, loop.weight_decay)
     step = adversarial_step(baseline, model, resolved, values)
     trainable = Trainable(model, optimizer, list(model.parameters()))

@@ -131,7 +131,9 @@ def _project_on_clean(model: nn.Module, loss: Tensor, x: Tensor, y: Tensor, beta
 def _loss(model: nn.Module, attacks: Sequence[Attack], x: Tensor, y: Tensor, settings: Mapping[str, float]) -> Tensor:
     params, buffers = state(model)
     target = model_fn(model, params, buffers)  # scratch BN statistics while attacking
-    return ramp_loss(model, target, [attack(target, x, y) for attack in attacks], y, settings["ramp_lambda"])
+    return ramp_loss(
+        model, target, [attack(target, x, y, check=False) for attack in attacks], y, settings["ramp_lambda"]
+    )
 
 
 def _update(model: nn.Module, loss: Tensor, x: Tensor, y: Tensor, settings: Mapping[str, float]) -> StepOutput:

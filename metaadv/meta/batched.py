@@ -1,0 +1,114 @@
+"""T functional copies of a model run at once: the forward pass of the task-batched meta-step.
+
+``task_forward`` vmaps the model over a task dimension: parameters the tasks share are passed once, adapted
+ones as (T, *shape). Only the forward pass is vmapped; gradients are taken outside it with
+``torch.autograd``, so every backward pass (the inner step's and the meta-backward through it) runs on the
+batched kernels the forward recorded. That keeps native BatchNorm exact to second order: its vmapped
+*backward* is the one with a wrong batching rule (DESIGN.md, "Pitfalls"; pytorch/functorch issue 534).
+The task losses are independent, so the gradient of their sum with respect to (T, *shape) parameters
+holds each task's own gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import vmap
+
+from ..batchnorm import BatchStatistics, BatchStats
+from ..functional import Params, call, detach
+from ..types import ModelFn
+
+__all__ = ["read_only", "shared_model_fn", "task_cross_entropy", "task_forward", "task_losses_of", "task_model_fn"]
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def task_forward(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    buffers: Mapping[str, Tensor],
+    x: Tensor,
+    *,
+    batched: Collection[str] | None = None,
+    record: bool = False,
+    second_order: bool = False,
+) -> tuple[Tensor, BatchStats]:
+    """Logits (T, B, K) of T copies of ``model`` on their own images ``x`` (T, B, C, H, W).
+
+    ``params[k]`` is (T, *shape) for the names in ``batched`` (default: all) and shared otherwise;
+    ``buffers`` are shared and left unchanged (``read_only``). A training-mode BatchNorm normalizes each task
+    with its own batch statistics and leaves the running statistics alone; with ``record`` it also returns
+    each call's batch mean and unbiased variance, (T, C) each, by module prefix (``update_running_stats`` applies them).
+    ``second_order``: the pass's backward will itself be differentiated (an inner step's ``create_graph``);
+    BatchNorm then takes the backward that is cheap to differentiate (``batchnorm.BatchStatistics``).
+    """
+    names = set(params) if batched is None else set(batched)
+    dims = ({k: 0 if k in names else None for k in params}, 0)
+    frozen = read_only(buffers)
+
+    def one(p: Params, xb: Tensor) -> tuple[Tensor, BatchStats]:
+        with BatchStatistics(buffers if record else None, second_order=second_order) as bn:
+            return call(model, p, frozen, xb), bn.batch_stats
+
+    return vmap(one, in_dims=dims)(dict(params), x)
+
+
+def task_cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
+    """Per-task mean cross-entropy (T,) of logits (T, B, K) and labels (T, B): one kernel each, unvmapped."""
+    per_example = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
+    return per_example.view(y.shape).mean(1)
+
+
+def task_losses_of(loss_fn: LossFn, logits: Tensor, y: Tensor) -> Tensor:
+    """``loss_fn`` per task (T,) on logits (T, B, K) and labels (T, B) (cross-entropy without vmap)."""
+    return task_cross_entropy(logits, y) if loss_fn is F.cross_entropy else vmap(loss_fn)(logits, y)
+
+
+def task_model_fn(
+    model: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], tasks: Sequence[int]
+) -> ModelFn:
+    """An attack's model: images (len(tasks) * B, C, H, W), task by task, -> logits of each task's own copy.
+
+    ``params`` hold (T, *shape) tensors; ``tasks`` picks the copies (in order). Detached parameters and
+    scratch buffers, as ``functional.model_fn``: the attack builds no graph to the parameters and moves no
+    statistics; a training-mode BatchNorm normalizes each task's examples with their own batch statistics.
+    """
+    fixed = {k: _pick(v, tasks) for k, v in detach(params).items()}
+
+    def fn(x: Tensor) -> Tensor:
+        logits, _ = task_forward(model, fixed, buffers, x.view(len(tasks), -1, *x.shape[1:]))
+        return logits.flatten(0, 1)
+
+    return fn
+
+
+def shared_model_fn(model: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor]) -> ModelFn:
+    """An attack's model at the shared (meta-)parameters, as ``functional.model_fn`` but without copying the
+    buffers: a training-mode BatchNorm normalizes with the batch's statistics and moves nothing."""
+    fixed, frozen = detach(params), read_only(buffers)
+
+    def fn(x: Tensor) -> Tensor:
+        with BatchStatistics():
+            return call(model, fixed, frozen, x)
+
+    return fn
+
+
+def read_only(buffers: Mapping[str, Tensor]) -> dict[str, Tensor | None]:
+    """``buffers`` for a forward pass under ``BatchStatistics`` that must not change them: BatchNorm's
+    ``num_batches_tracked`` counters as None, so the module does not count the batch (its running statistics
+    are left alone by ``BatchStatistics``). No copies."""
+    return {k: None if k.endswith("num_batches_tracked") else v for k, v in buffers.items()}
+
+
+def _pick(v: Tensor, tasks: Sequence[int]) -> Tensor:
+    """Rows ``tasks`` of ``v`` (T, ...): a view for a run of consecutive tasks, else one copy (no index tensor to
+    send to the device)."""
+    first = tasks[0]
+    if list(tasks) == list(range(first, first + len(tasks))):
+        return v[first : first + len(tasks)]
+    return torch.stack([v[i] for i in tasks])
