@@ -7,12 +7,14 @@ trained on, and at what cost, compared with the methods users would pick instead
     python benchmarks/heldout.py --protocol ... --device cuda --jobs 12     # runs in parallel processes
 
 Every method trains the same model on the same data for the same number of epochs; its wall-clock is
-recorded. Each trained model is then attacked white-box in eval mode (held-out attacks, the training
-attacks, an eps sweep), adapted few-shot with fine-tuning ("sgd") and test-time BatchNorm statistics
-("bn") with the attack re-run against the adapted model, and checked for the sanity conditions of
-Carlini et al. 2019. One JSON per (method, seed) goes to --out; a markdown summary of every JSON in
---out is printed and saved. A run whose JSON exists is skipped, so an interrupted benchmark resumes
-where it stopped (--overwrite reruns it).
+recorded. The last ``tune.examples`` (default 300) training digits are held out of training as a validation
+split. Each trained model is attacked white-box in eval mode (held-out attacks, the training attacks, an eps
+sweep), adapted few-shot with the attack re-run against the adapted model (docs/adaptation.md): at each shot
+count "sgd" and "bn_sgd" with (steps, lr) chosen on the validation split from the ``tune`` grid, "bn" and
+"bn_mix" for every method, "matched" (its own inner loop) for meta methods, "task_bn" for runs with per-type
+statistics; and checked for the sanity conditions of Carlini et al. 2019. One JSON per (method, seed) goes
+to --out; a markdown summary of every JSON in --out is printed and saved. A run whose JSON exists is skipped,
+so an interrupted benchmark resumes where it stopped (--overwrite reruns it).
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ import torch
 import yaml
 
 import metaadv as ma
+from metaadv.eval import FINETUNE_GRID, InnerLoopSpec, tune_finetuning
 from metaadv.training_methods import get
-from metaadv.training_methods.meta import settings_of
+from metaadv.training_methods.meta import meta_config, settings_of
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PROTOCOL = ROOT / "benchmarks" / "protocols" / "linf_heldout.yaml"
@@ -45,7 +48,12 @@ BASELINE_ATTACKS = {  # baseline -> which protocol attacks it trains on; any oth
     "fast_at": lambda p: [p["fast_at_attack"]],
     "trades": lambda p: [p["pgd_at_attack"]],
 }
-QUICK = {"epochs": 1, "n_examples": 64, "sanity_examples": 48, "shots": [8], "train_examples": 512}
+QUICK = {"epochs": 1, "n_examples": 64, "sanity_examples": 48, "shots": [8], "train_examples": 512,
+         "tune": {"examples": 48, "steps": [1, 3], "lr": [0.01]}}  # fmt: skip
+# the validation split held out of the training data, and the fine-tuning grid chosen from on it
+TUNE = {"examples": 300, **{k: list(v) for k, v in FINETUNE_GRID.items()}}
+COMMON = ("sgd", "bn", "bn_mix", "bn_sgd")  # the adaptations every method gets; "best" is the best of them
+FINETUNING = ("sgd", "bn_sgd")  # their (steps, lr) chosen on the validation split
 
 
 def load_protocol(path: Path, quick: bool) -> dict[str, Any]:
@@ -63,6 +71,9 @@ def load_protocol(path: Path, quick: bool) -> dict[str, Any]:
         *(protocol.get(k) for k in ("pgd_at_attack", "fast_at_attack") if k in protocol),
     ]
     protocol.setdefault("eval_batch_size", 256)
+    protocol["tune"] = {**TUNE, **protocol.get("tune", {})}
+    if set(protocol["tune"]) != set(TUNE):
+        raise ValueError(f"{path.name}: tune takes {sorted(TUNE)}, got {sorted(protocol['tune'])}")
     for spec in specs:  # fail before any training on a typo
         ma.attacks.make(spec)
     for name, options in (protocol.get("baseline_variants") or {}).items():
@@ -125,14 +136,31 @@ def hardware(model: torch.nn.Module) -> dict[str, Any]:
             "cpu_count": os.cpu_count(), "threads": torch.get_num_threads()}  # fmt: skip
 
 
+def split_validation(train_data: Any, n: int) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]:
+    """(training split, validation split): the validation split is the last ``n`` examples of ``train_data``
+    (mnist5k's training digits are shuffled), held out of training and disjoint from the test digits."""
+    x, y = ma.data.to_tensors(train_data)
+    if not 0 < n < len(x):
+        raise ValueError(f"tune.examples={n} must leave training examples: the training data has {len(x)}")
+    return (x[:-n], y[:-n]), (x[-n:], y[-n:])
+
+
+def training_config(method: str, protocol: dict, seed: int, device: str, steps: int | None = None) -> ma.MetaConfig:
+    """The MetaConfig meta method ``method`` (see :func:`plan`) trains with under ``protocol``."""
+    base, _, settings = plan(method, protocol)
+    # the meta section may hold loop fields too (outer_lr, ...): MetaConfig splits them
+    config = ma.MetaConfig(**settings, epochs=protocol["epochs"], steps=steps, seed=seed, device=device)
+    return meta_config(base, config.loop, settings_of(base, config))
+
+
 def train(method: str, protocol: dict, train_data, seed: int, device: str, steps: int | None = None) -> ma.TrainResult:
     """Train ``method`` (see :func:`plan`) as ``protocol`` says (its epochs, or ``steps`` optimizer steps when
     given): a meta method on meta-batches of the protocol's meta section, a baseline on ``batch_size``."""
     torch.manual_seed(seed)  # the model's initialization
     model = ma.models.build(protocol["model"])
     base, attacks, settings = plan(method, protocol)
-    if get(base).meta:  # the meta section may hold loop fields too (outer_lr, ...): MetaConfig splits them
-        config = ma.MetaConfig(**settings, epochs=protocol["epochs"], steps=steps, seed=seed, device=device)
+    if get(base).meta:
+        config = training_config(method, protocol, seed, device, steps)
         loop, settings = config.loop, settings_of(base, config)
         attacks = ma.AttackDistribution(attacks, seed=seed)
     else:
@@ -168,28 +196,23 @@ def sanity(model, test, protocol: dict, seed: int) -> dict[str, Any]:
 
 def run_one(method: str, protocol: dict, seed: int, device: str, out: Path) -> dict[str, Any]:
     train_data, test = load_data(protocol)
+    train_data, val = split_validation(train_data, protocol["tune"]["examples"])
     result = train(method, protocol, train_data, seed, device)
     model, t_eval = result.model, time.perf_counter()
     opts = {"n_examples": protocol["n_examples"], "seed": seed, "batch_size": protocol["eval_batch_size"]}
     trained_on = ma.evaluate(model, test, protocol["train_attacks"], **opts)
     # Zero-shot numbers come with every adapted report (same evaluation examples whatever the shots), so
     # the held-out attacks run zero-shot once per shot count, not once more on their own.
-    # A run with per-type BatchNorm statistics (MetaConfig.task_bn) is also adapted by picking the nearest type's.
-    task_bn, step_bn = result.artifacts.get("task_bn"), result.artifacts.get("step_bn")
-    adapt = {"adapt_methods": ("sgd", "bn", "task_bn"), "task_bn": task_bn} if task_bn else {
-        "adapt_methods": ("sgd", "bn")}  # fmt: skip
-    # A run with per-step statistics (MetaConfig.per_step_bn) normalizes its sgd-adapted model with them.
-    adapt |= {"step_bn": step_bn} if step_bn else {}
-    reports = {s: ma.evaluate(model, test, protocol["held_out"], adapt_shots=s, **adapt, **opts)
-               for s in protocol["shots"]}  # fmt: skip
+    reports, adapted, tune_seconds = few_shot(method, protocol, result, val, test, seed, device, opts)
     heldout = next(iter(reports.values())) if reports else ma.evaluate(model, test, protocol["held_out"], **opts)
-    heldout = dataclasses.replace(heldout, adapt_shots=0, adapted={}, adapted_union={}, adapted_clean={})
-    adapted = {str(s): {"adapted": r.adapted, "adapted_union": r.adapted_union} for s, r in reports.items()}
+    meta = {k: heldout.meta[k] for k in ("seed", "torch", "device", "batch_size")}  # not the adaptations'
+    heldout = dataclasses.replace(heldout, adapt_shots=0, adapted={}, adapted_union={}, adapted_clean={}, meta=meta)
     record = {
         "protocol": protocol["name"], "method": method, "seed": seed, "train_seconds": result.seconds,
         "heldout": heldout.to_dict(), "train_attacks": trained_on.to_dict(), "adapted": adapted,
+        "validation": {"examples": len(val[1]), "held_out_of": "the training data"},
         "sanity": sanity(model, test, protocol, seed),
-        "eval_seconds": time.perf_counter() - t_eval,
+        "eval_seconds": time.perf_counter() - t_eval, "tune_seconds": tune_seconds,
         "history": [{k: r[k] for k in ("step", "loss", "seconds", "task_names", "query_acc", "task_weights") if k in r}
                     for r in result.history],
         "config": protocol, "versions": versions(), "git_commit": git_commit(), "hardware": hardware(model),
@@ -197,6 +220,40 @@ def run_one(method: str, protocol: dict, seed: int, device: str, out: Path) -> d
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{method}_seed{seed}.json").write_text(json.dumps(record, indent=1))
     return record
+
+
+def few_shot(method: str, protocol: dict, result: ma.TrainResult, val: Any, test: Any, seed: int, device: str,
+             opts: dict[str, Any]) -> tuple[dict[int, ma.RobustnessReport], dict[str, Any], float]:  # fmt: skip
+    """Per shot count: the held-out report with every adaptation (``adaptations``), the fine-tuning methods'
+    (steps, lr) chosen on the validation split first; the record's ``adapted`` entries; the tuning's seconds."""
+    reports, adapted, seconds = {}, {}, 0.0
+    grid = {k: protocol["tune"][k] for k in ("steps", "lr")}
+    for shots in protocol["shots"]:
+        t = time.perf_counter()  # the held-out attacks on the validation digits choose each (steps, lr)
+        tuned = {m: tune_finetuning(result.model, val, protocol["held_out"], shots, grid, method=m, seed=seed,
+                                    batch_size=protocol["eval_batch_size"]) for m in FINETUNING}  # fmt: skip
+        seconds += time.perf_counter() - t
+        reports[shots] = r = ma.evaluate(result.model, test, protocol["held_out"], adapt_shots=shots,
+                                         finetune={m: (c.steps, c.lr) for m, c in tuned.items()},
+                                         **adaptations(method, protocol, result, seed, device), **opts)  # fmt: skip
+        adapted[str(shots)] = {"adapted": r.adapted, "adapted_union": r.adapted_union, "finetune": r.meta["finetune"],
+                               "tuning": {m: c.to_dict() for m, c in tuned.items()},
+                               **({"matched": r.meta["matched"]} if "matched" in r.meta else {})}  # fmt: skip
+    return reports, adapted, seconds
+
+
+def adaptations(method: str, protocol: dict, result: ma.TrainResult, seed: int, device: str) -> dict[str, Any]:
+    """``evaluate``'s adaptation settings for a trained run: the common adaptations; a meta method's own inner
+    loop ("matched"); a run with per-type BatchNorm statistics (MetaConfig.task_bn) also the nearest type's."""
+    methods, settings = list(COMMON), {}
+    if get(plan(method, protocol)[0]).meta:
+        config = training_config(method, protocol, seed, device)
+        methods.append("matched")
+        settings["inner_loop"] = InnerLoopSpec.from_config(config, result.artifacts)
+    if result.artifacts.get("task_bn") is not None:
+        methods.append("task_bn")
+        settings["task_bn"] = result.artifacts["task_bn"]
+    return {"adapt_methods": tuple(methods), **settings}
 
 
 def mean_std(values: list[float]) -> str:
@@ -208,18 +265,18 @@ def summarize(records: list[dict[str, Any]]) -> str:
     """Markdown: one row per method, mean ± std over seeds (accuracy in %, time in seconds).
 
     "held-out mean" averages the per-attack accuracies: with many held-out families the union (robust to
-    every one at once) can be ~0 for every method, and the mean still ranks them.
+    every one at once) can be ~0 for every method, and the mean still ranks them. "best@s" is, per run, the
+    best of the adaptations every method gets (``COMMON``; union and mean each maximized on the test digits, so
+    optimistic alike for every method); "matched@s", a meta method's own inner loop, stays outside it.
     """
     methods = list(dict.fromkeys(r["method"] for r in records))
     shots = sorted({int(s) for r in records for s in r["adapted"]})
     attacks = records[0]["heldout"]["attacks"]
     head = ["method", "clean", *[f"`{a}`" for a in attacks], "**held-out union**", "held-out mean"]
     head += ["train-attack union"]
-    how = [
-        m
-        for m in ("sgd", "bn", "task_bn")
-        if any(m in a["adapted_union"] for r in records for a in r["adapted"].values())
-    ]
+    ran = {m for r in records for a in r["adapted"].values() for m in a["adapted_union"]}
+    how = [m for m in (*COMMON, "task_bn") if m in ran] + (["best"] if ran & set(COMMON) else [])
+    how += ["matched"] if "matched" in ran else []
     head += [f"{kind} {m}@{s}" for s in shots for m in how for kind in ("union", "mean")] + ["train time (s)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method in methods:
@@ -231,9 +288,8 @@ def summarize(records: list[dict[str, Any]]) -> str:
         row += [mean_std([r["train_attacks"]["union_acc"] for r in rs])]
         for s in shots:
             for m in how:
-                runs = [r["adapted"][str(s)] for r in rs if m in r["adapted"].get(str(s), {}).get("adapted_union", {})]
-                row.append(mean_std([a["adapted_union"][m] for a in runs]) if runs else "–")
-                row.append(mean_std([statistics.mean(a["adapted"][m].values()) for a in runs]) if runs else "–")
+                scores = [x for r in rs if (x := adapted_scores(r["adapted"].get(str(s), {}), m)) is not None]
+                row += [mean_std([x[i] for x in scores]) if scores else "–" for i in (0, 1)]
         t = [r["train_seconds"] for r in rs]
         row.append(f"{statistics.mean(t):.0f}" + (f" ± {statistics.stdev(t):.0f}" if len(t) > 1 else ""))
         lines.append("| " + " | ".join(row) + " |")
@@ -241,6 +297,16 @@ def summarize(records: list[dict[str, Any]]) -> str:
     lines += ["", f"{len(records)} runs, seeds {sorted({r['seed'] for r in records})}."]
     lines += ["", "Sanity checks: " + ("all passed." if not warnings else "warnings:"), *warnings]
     return "\n".join(lines)
+
+
+def adapted_scores(at_shots: dict[str, Any], how: str) -> tuple[float, float] | None:
+    """(union, mean over attacks) of adaptation ``how`` in a run's entry for one shot count (None: it did not
+    run); ``"best"``: each the best over the common adaptations that ran."""
+    union, per_attack = at_shots.get("adapted_union", {}), at_shots.get("adapted", {})
+    names = [m for m in COMMON if m in union] if how == "best" else [how] if how in union else []
+    if not names:
+        return None
+    return max(union[m] for m in names), max(statistics.mean(per_attack[m].values()) for m in names)
 
 
 def load_records(out: Path) -> list[dict[str, Any]]:
@@ -287,7 +353,8 @@ def positive_int(text: str) -> int:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--protocol", type=Path, default=DEFAULT_PROTOCOL, help="a YAML protocol (benchmarks/protocols)")
-    p.add_argument("--quick", action="store_true", help="1 epoch on 512 digits, 64 test digits, 8 shots")
+    p.add_argument("--quick", action="store_true",
+                   help="1 epoch on 512 digits (48 of them the validation split), 64 test digits, 8 shots")  # fmt: skip
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (quick: 0)")
     p.add_argument("--methods", nargs="+", help="subset of the protocol's methods")
     p.add_argument("--data", help="override the protocol's dataset (e.g. mnist, with torchvision)")

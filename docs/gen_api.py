@@ -9,7 +9,7 @@ from pathlib import Path
 import metaadv
 from metaadv import attacks, checkpoint, data, engine, models, plots, training_methods
 from metaadv.engine import resume
-from metaadv.eval import external
+from metaadv.eval import external, matched, tuning
 from metaadv.meta import options
 from metaadv.meta.options import attention, base, film, generators, meta_dropout, step_bn
 
@@ -24,7 +24,10 @@ SECTIONS = [
     ),
     ("Tasks", [metaadv.AttackDistribution, metaadv.AttackTask, generators.PersistentGenerators]),
     ("Attacks", [attacks.make, attacks.register, attacks.available, attacks.Attack]),
-    ("Evaluation", [metaadv.evaluate, metaadv.RobustnessReport]),
+    (
+        "Evaluation",
+        [metaadv.evaluate, metaadv.RobustnessReport, matched.InnerLoopSpec, tuning.tune_finetuning, tuning.Tuning],
+    ),
     ("Evaluating a model metaadv did not train", [external.load_model, external.load_data, external.check_compatible]),
     ("Data and models", [data.load, data.TensorDataset, data.to_tensors, models.SmallCNN, models.build]),
     ("Training methods", [training_methods.get, training_methods.Method]),

@@ -20,12 +20,14 @@ import torch
 
 from . import __version__, data, distributed, models, training_methods
 from .attacks import make
-from .checkpoint import list_checkpoints
+from .checkpoint import list_checkpoints, load_tensors
 from .config import RunConfig, load_run_config
 from .engine import NonFiniteLossError, TrainingInterrupted, resolve_device
 from .engine.tensorboard import log_report
-from .eval import ADAPT_METHODS, RobustnessReport, evaluate, external
+from .eval import ADAPT_METHODS, InnerLoopSpec, RobustnessReport, evaluate, external
+from .eval.adaptation import BN_METHODS
 from .eval.compare import comparison_summary, comparison_table
+from .meta import options as meta_options
 from .runs import load_run, read_run_config, save_run, write_config, write_history, write_json
 from .tasks import AttackDistribution
 from .training_methods import meta as meta_methods
@@ -156,6 +158,8 @@ def _eval_run(args: argparse.Namespace) -> int:
             )
     cfg, model, options = load_run(Path(args.checkpoint))
     settings = _eval_settings(args, {**options, **cfg.eval})  # the run's own inner loop, unless eval: says otherwise
+    if "matched" in settings.get("adapt_methods", ()) and training_methods.get(cfg.method).meta:
+        settings["inner_loop"] = _inner_loop(Path(args.checkpoint), cfg, model)  # else evaluate says it has none
     if not settings.get("attacks"):
         raise ValueError("no attacks to evaluate: pass --attacks or give eval.attacks in the run config")
     _, test = data.load(cfg.data, cfg.data_root)
@@ -168,6 +172,14 @@ def _eval_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inner_loop(run: Path, cfg: RunConfig, model: torch.nn.Module) -> InnerLoopSpec:
+    """The inner loop a meta run was trained with: its config's, with the artifacts of its ``meta_state.pt``
+    (Meta-SGD's step sizes, per-step BatchNorm statistics)."""
+    path = run / "meta_state.pt"
+    saved = load_tensors(path, "meta state") if path.is_file() else {}
+    return InnerLoopSpec.from_config(cfg.meta, meta_options.load_artifacts(model, saved))
+
+
 def _eval_model(args: argparse.Namespace) -> int:
     """``metaadv eval --model SPEC [--weights FILE] --data NAME_OR_FILE --attacks ...``: a model of the user's."""
     if not args.attacks:
@@ -178,12 +190,12 @@ def _eval_model(args: argparse.Namespace) -> int:
     x, y = external.load_data(args.data, args.data_root)
     external.check_compatible(model, x, y, model_name=f"the model {args.model}", data_name=f"the data {args.data}")
     settings = _eval_settings(args, {})
-    adapts_bn = bool(settings.get("adapt_shots")) and "bn" in settings.get("adapt_methods", ())
+    adapts_bn = [m for m in settings.get("adapt_methods", ()) if m in BN_METHODS] if settings.get("adapt_shots") else []
     if isinstance(model, external.TorchScriptModel) and adapts_bn:
         raise ValueError(
-            f"adapt method 'bn' needs the model's Python modules, but {args.model} is TorchScript (its BatchNorm "
-            "layers cannot be set to training mode on their own): use --adapt-methods sgd, or give the model as "
-            "package.module:factory with --weights"
+            f"adapt method {' and '.join(map(repr, adapts_bn))} needs the model's Python modules, but {args.model} is "
+            "TorchScript (its BatchNorm layers cannot be set to training mode on their own): use --adapt-methods sgd, "
+            "or give the model as package.module:factory with --weights"
         )
     source = {"model": args.model, "weights": args.weights, "data": args.data}
     _report(model, (x, y), settings, Path(args.out or "."), args.quiet, source)
@@ -277,7 +289,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--adapt-shots", dest="adapt_shots", type=int)
     e.add_argument("--adapt-methods", dest="adapt_methods", nargs="+", choices=ADAPT_METHODS, metavar="METHOD",
                    help=f"adaptations with --adapt-shots, of {', '.join(ADAPT_METHODS)} (default: sgd, or the run "
-                        "config's eval.adapt_methods)")  # fmt: skip
+                        "config's eval.adapt_methods; matched: a meta run's own inner loop)")  # fmt: skip
     e.add_argument("--seed", type=int)
     e.add_argument("--out", help="where to write report.json (default: the checkpoint directory; with --model, the "
                                  "current directory)")  # fmt: skip
@@ -290,7 +302,8 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("--attacks", nargs="+", help="attack specs (default: the first run's eval.attacks)")
     k.add_argument("--n-examples", dest="n_examples", type=int)
     k.add_argument("--adapt-shots", dest="adapt_shots", type=int)
-    k.add_argument("--adapt-methods", dest="adapt_methods", nargs="+", choices=ADAPT_METHODS, metavar="METHOD")
+    k.add_argument("--adapt-methods", dest="adapt_methods", nargs="+", metavar="METHOD",
+                   choices=[m for m in ADAPT_METHODS if m != "matched"])  # fmt: skip  # matched: in metaadv eval
     k.add_argument("--seed", type=int)
     k.add_argument("--out", default=".", help="where to write compare.json and compare.md (default: .)")
     k.add_argument("--quiet", action="store_true", help="no progress bar")

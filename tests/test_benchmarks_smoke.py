@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import metaadv as ma
@@ -36,13 +37,20 @@ def test_heldout_pipeline_writes_results_summary_and_figures(tmp_path):
     records = [heldout.run_one(m, protocol, 0, "cpu", tmp_path) for m in ("erm", "pgd_at", "meta_so")]
     saved = json.loads((tmp_path / "meta_so_seed0.json").read_text())
     assert saved["method"] == "meta_so" and saved["heldout"]["attacks"] == records[2]["heldout"]["attacks"]
-    assert set(saved["adapted"]["4"]["adapted_union"]) == {"sgd", "bn"}
+    assert set(saved["adapted"]["4"]["adapted_union"]) == {"sgd", "bn", "bn_mix", "bn_sgd", "matched"}
+    assert set(records[0]["adapted"]["4"]["adapted_union"]) == {"sgd", "bn", "bn_mix", "bn_sgd"}  # erm: no matched
+    assert saved["adapted"]["4"]["matched"]["steps"] == protocol["meta"].get("inner_steps", 1)
+    for m in ("sgd", "bn_sgd"):  # chosen on the validation split: recorded with every candidate's score
+        chosen, tuning = saved["adapted"]["4"]["finetune"][m], saved["adapted"]["4"]["tuning"][m]
+        assert (chosen["steps"], chosen["lr"]) == (tuning["steps"], tuning["lr"]) and len(tuning["scores"]) == 3
+    assert saved["validation"]["examples"] == protocol["tune"]["examples"]
     assert saved["history"] and "versions" in saved and "git_commit" in saved
     sweep = saved["sanity"]["eps_sweep"]["pgd_linf"]["acc"]
     assert len(sweep) == 2 and all(0 <= a <= 1 for a in sweep)
 
     table = heldout.summarize(records)
     assert all(m in table for m in ("erm", "pgd_at", "meta_so")) and "held-out union" in table
+    assert all(f"union {m}@4" in table for m in ("sgd", "bn_mix", "bn_sgd", "best", "matched"))
     assert [r["method"] for r in heldout.load_records(tmp_path)] == ["erm", "pgd_at", "meta_so"]  # protocol order
 
     written = plots.plot_folder(tmp_path, tmp_path / "figures")
@@ -67,6 +75,42 @@ def test_the_summary_reports_the_mean_over_held_out_attacks_next_to_the_union():
     assert cells["**held-out union**"] == "**10.0 ± 0.0**"
     assert cells["held-out mean"] == "50.0 ± 14.1"  # (0.4, 0.6) over seeds
     assert cells["union bn@8"] == "10.0 ± 0.0" and cells["mean bn@8"] == "50.0 ± 14.1"
+    assert cells["union best@8"] == cells["union bn@8"] and "matched@8" not in table  # best of what ran
+
+
+def test_the_summary_gives_the_best_common_adaptation_and_matched_apart():
+    def record(method, sgd, bn, matched=None):
+        at = {"adapted": {"sgd": {"a": sgd}, "bn": {"a": bn}}, "adapted_union": {"sgd": sgd, "bn": bn}}
+        if matched is not None:
+            at["adapted"]["matched"], at["adapted_union"]["matched"] = {"a": matched}, matched
+        return {
+            "method": method, "seed": 0, "train_seconds": 1.0, "sanity": {"warnings": []}, "adapted": {"8": at},
+            "heldout": {"attacks": ["a"], "per_attack": {"a": 0.1}, "clean_acc": 0.9, "union_acc": 0.1},
+            "train_attacks": {"union_acc": 0.3},
+        }  # fmt: skip
+
+    table = heldout.summarize([record("pgd_at", 0.2, 0.4), record("meta_so", 0.5, 0.3, matched=0.9)])
+    header, _, pgd_at, meta_so = table.splitlines()[:4]
+    cells = [dict(zip(header.split(" | "), row.split(" | "), strict=True)) for row in (pgd_at, meta_so)]
+    assert [c["union best@8"] for c in cells] == ["40.0", "50.0"]  # bn for pgd_at, sgd for meta_so: not matched
+    assert [c["union matched@8"] for c in cells] == ["–", "90.0"]
+
+
+def test_the_validation_split_is_held_out_of_training_and_meta_runs_get_their_own_inner_loop():
+    x, y = torch.arange(10.0).view(10, 1, 1, 1) / 10, torch.arange(10)
+    (_, y_train), (_, y_val) = heldout.split_validation((x, y), 3)
+    assert y_train.tolist() == list(range(7)) and y_val.tolist() == [7, 8, 9]
+    with pytest.raises(ValueError, match="must leave training examples"):
+        heldout.split_validation((x, y), 10)
+    protocol = {**heldout.load_protocol(heldout.DEFAULT_PROTOCOL, quick=True), **TINY}
+    model = ma.models.build(protocol["model"])
+    lr = {k: torch.full_like(p, 0.05) for k, p in model.named_parameters()}
+    variant = {**protocol, "meta_variants": {"meta_sgd": {"learn_inner_lr": True, "inner_steps": 2}}}
+    meta = heldout.adaptations("meta_sgd", variant, ma.TrainResult(model, artifacts={"inner_lr": lr}), 0, "cpu")
+    assert meta["adapt_methods"] == ("sgd", "bn", "bn_mix", "bn_sgd", "matched")
+    assert meta["inner_loop"].steps == 2 and meta["inner_loop"].lr is lr
+    baseline = heldout.adaptations("pgd_at", protocol, ma.TrainResult(model), 0, "cpu")
+    assert baseline == {"adapt_methods": ("sgd", "bn", "bn_mix", "bn_sgd")}
 
 
 def test_method_cost_times_a_step_of_each_method_and_counts_the_protocols_steps():
@@ -194,6 +238,7 @@ TINY_UNFORESEEN = {
     "epochs": 1, "train_examples": 128, "n_examples": 16, "sanity_examples": 16, "shots": [4],
     "model": {"name": "SmallCNN", "hidden": 16}, "meta": {"tasks_per_batch": 2, "support_size": 8, "query_size": 8},
     "batch_size": 32, "black_box": "torchattacks:Square(eps=0.3, n_queries=10)",
+    "tune": {"examples": 24, "steps": [1], "lr": [0.01]},
 }  # fmt: skip
 
 
@@ -205,7 +250,8 @@ def _two_steps(spec: str) -> str:
 @pytest.mark.parametrize("name", ["unforeseen_lp_trained", "unforeseen_mixed_trained"])
 def test_unforeseen_protocols_run_in_quick_mode(name, tmp_path, monkeypatch):
     """Protocols (c) and (d) of docs/unforeseen.md end to end on a tiny budget: every held-out family is
-    attacked zero-shot and after few-shot adaptation (sgd and bn), for a baseline and for meta-training."""
+    attacked zero-shot and after few-shot adaptation (sgd, bn, bn_mix, bn_sgd; matched for meta-training), for a
+    baseline and for meta-training."""
     monkeypatch.setenv("METAADV_GIT_COMMIT", "smoke-test")
     path = ROOT / "benchmarks" / "protocols" / f"{name}.yaml"
     full = heldout.load_protocol(path, quick=False)
@@ -215,7 +261,8 @@ def test_unforeseen_protocols_run_in_quick_mode(name, tmp_path, monkeypatch):
     for method in ("ramp", "meta_so"):
         record = heldout.run_one(method, protocol, 0, "cpu", tmp_path)
         assert set(record["heldout"]["attacks"]) == {ma.attacks.make(a).spec for a in protocol["held_out"]}
-        assert set(record["adapted"]["4"]["adapted_union"]) == {"sgd", "bn"}
+        assert set(record["adapted"]["4"]["adapted_union"]) - {"matched"} == {"sgd", "bn", "bn_mix", "bn_sgd"}
+        assert ("matched" in record["adapted"]["4"]["adapted_union"]) == (method == "meta_so")
         assert 0 <= record["heldout"]["union_acc"] <= 1
 
 

@@ -237,7 +237,7 @@ def test_support_bn_buffers_equal_support_statistics_and_mix_with_momentum():
 def test_bn_needs_batchnorm_and_unknown_methods_are_rejected():
     with pytest.raises(ValueError, match="'bn'"):
         evaluate(reader(), toy_data(), [Identity()], adapt_shots=4, adapt_methods=("bn",))
-    with pytest.raises(ValueError, match=r"allowed: \['sgd', 'bn', 'task_bn'\]"):
+    with pytest.raises(ValueError, match=r"allowed: \['sgd', 'bn', 'bn_mix', 'bn_sgd', 'task_bn', 'matched'\]"):
         evaluate(reader(), toy_data(), [Identity()], adapt_shots=4, adapt_methods=("tent",))
 
 

@@ -1,5 +1,5 @@
 """Few-shot adaptation at test time: each method (``ADAPT_METHODS``) adapts the model to an attack's adversarial
-support set, and the attack is re-run white-box against the adapted model."""
+support set, and the attack is re-run white-box against the adapted model, in eval mode (docs/adaptation.md)."""
 
 from __future__ import annotations
 
@@ -20,12 +20,27 @@ from ..meta.options.task_bn import TaskBatchNorm
 from ..types import ModelFn, Params
 from ..validation import check_positive
 from .accuracy import attack_correct, correct, craft, frac, percent
+from .matched import matched_model
 
-__all__ = ["ADAPT_METHODS", "adapted_model", "adapted_results", "check_inner_options", "support_bn_statistics"]
+__all__ = [
+    "ADAPT_METHODS",
+    "BN_METHODS",
+    "FINETUNING",
+    "Plan",
+    "adapted_model",
+    "adapted_results",
+    "check_inner_options",
+    "support_bn_statistics",
+]
 
 logger = logging.getLogger(__name__)
 
-ADAPT_METHODS = ("sgd", "bn", "task_bn")  # SGD fine-tuning; test-time BN statistics; nearest per-type BN statistics
+# SGD fine-tuning; test-time BN statistics (pure, then mixed with the training statistics); BN statistics then
+# fine-tuning; the nearest per-type BN statistics; the inner loop of meta-training
+ADAPT_METHODS = ("sgd", "bn", "bn_mix", "bn_sgd", "task_bn", "matched")
+FINETUNING = ("sgd", "bn_sgd")  # the methods that take SGD steps with a chosen (steps, lr)
+BN_METHODS = ("bn", "bn_mix", "bn_sgd", "task_bn")  # the methods that re-estimate BatchNorm statistics
+Plan = tuple[str, Mapping[str, Any]]  # an adaptation: its method and what it changes in the shared settings
 
 
 def adapted_results(
@@ -33,19 +48,20 @@ def adapted_results(
     params: Params,
     buffers: Params,
     atks: Mapping[str, Callable[..., Tensor]],
-    methods: tuple[str, ...],
+    plans: Mapping[str, Plan],
     query: tuple[Tensor, Tensor],
     support: tuple[Tensor, Tensor],
     seed: int,
     opts: dict[str, Any],
     bar: tqdm,
 ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]], dict[str, Tensor]]:
-    """Per method: accuracy under each attack re-run against the model adapted to that attack's support
-    set, clean accuracy of that adapted model, and the per-example mask of surviving every one of them."""
+    """Per plan (name -> (method, changes to ``opts``, ``adapted_model``'s settings)): accuracy under each attack
+    re-run against the model adapted to that attack's support set, clean accuracy of that adapted model, and
+    the per-example mask of surviving every one of them. Each support set is crafted once, for every plan."""
     (x, y), (x_s, y_s) = query, support
-    adapted = {m: {} for m in methods}
-    adapted_clean = {m: {} for m in methods}
-    survive = {m: torch.ones_like(y, dtype=torch.bool) for m in methods}
+    adapted = {name: {} for name in plans}
+    adapted_clean = {name: {} for name in plans}
+    survive = {name: torch.ones_like(y, dtype=torch.bool) for name in plans}
     fn = model_fn(model, params, buffers)
     for spec, atk in atks.items():
         torch.manual_seed(seed)
@@ -54,13 +70,14 @@ def adapted_results(
         if encoding_of(model) == "support":
             with torch.no_grad():
                 code = task_code(model, params, support_adv=x_adv_s, support_clean=x_s)
-        for method in methods:
-            fn_a = adapted_model(method, model, params, buffers, x_adv_s, y_s, spec=spec, code=code, **opts)
+        for name, (method, changes) in plans.items():
+            how = {**opts, **changes}
+            fn_a = adapted_model(method, model, params, buffers, x_adv_s, y_s, spec=spec, code=code, **how)
             clean_a = correct(fn_a, x, y, opts["batch_size"])
             mask = attack_correct(atk, spec, fn_a, x, y, opts["batch_size"], seed)  # white-box, adapted
-            survive[method] &= clean_a & mask
-            adapted[method][spec], adapted_clean[method][spec] = frac(mask), frac(clean_a)
-            logger.info("%s@%d %s: %.1f%%", method, len(y_s), spec, percent(mask))
+            survive[name] &= clean_a & mask
+            adapted[name][spec], adapted_clean[name][spec] = frac(mask), frac(clean_a)
+            logger.info("%s@%d %s: %.1f%%", name, len(y_s), spec, percent(mask))
             bar.update()
     return adapted, adapted_clean, survive
 
@@ -99,7 +116,7 @@ def adapted_model(
     y_s: Tensor,
     *,
     steps: int,
-    lr: LearningRate,
+    lr: LearningRate | None,
     inner_params: str,
     proximal: float,
     step_sets: list[Params],
@@ -113,21 +130,40 @@ def adapted_model(
     """The eval-mode model after adapting to the adversarial support set ``(x_s, y_s)`` with ``method``
     (``"task_bn"`` records the type it picked for ``spec`` in ``chosen``). ``step_sets``: BatchNorm statistics
     per inner step (``[buffers]`` without ``step_bn``); SGD step k normalizes with set min(k, K), the result
-    with set K. ``code``: a FiLM model's task code (dim,), used in every forward pass (None: the model's own)."""
+    with set K (``"matched"``: BatchNorm in training mode during the steps, see ``matched.py``). ``momentum``:
+    ``"bn"``'s and ``"bn_mix"``'s mixing weight (None: the support statistics alone; ``"bn_sgd"`` uses them
+    alone). ``code``: a FiLM model's task code (dim,), used in every forward pass (None: the model's own)."""
     if code is not None:
         buffers, step_sets = with_code(buffers, code), [with_code(b, code) for b in step_sets]
+    loop = {"steps": steps, "lr": lr, "inner_params": inner_params, "proximal": proximal}
+    if method == "matched":
+        return matched_model(model, params, step_sets, x_s, y_s, **loop)  # type: ignore[arg-type]
     if method == "sgd":
-        per_step = [clone_buffers(step_sets[min(k, len(step_sets) - 1)]) for k in range(steps)]
-        theta = adapt(model, x_s, y_s, params=params, buffers=per_step, steps=steps, lr=lr, first_order=True,
-                      inner_params=inner_params, proximal=proximal)  # fmt: skip
-        return model_fn(model, detach(theta), step_sets[-1])
-    support = support_bn_statistics(model, params, buffers, x_s, None if method == "task_bn" else momentum, batch_size)
-    if method == "bn":
+        return _finetuned(model, params, step_sets, x_s, y_s, **loop)
+    pure = method in ("task_bn", "bn_sgd")
+    support = support_bn_statistics(model, params, buffers, x_s, None if pure else momentum, batch_size)
+    if method in ("bn", "bn_mix"):
         return model_fn(model, params, support)
+    if method == "bn_sgd":
+        return _finetuned(model, params, [support], x_s, y_s, **loop)
     k = task_bn.nearest(model, support)  # type: ignore[union-attr]
     chosen[spec] = task_bn.names[k]  # type: ignore[union-attr]
     typed = {n: v.to(support[n].device) for n, v in task_bn.buffers(k).items()}  # type: ignore[union-attr]
     return model_fn(model, params, typed if code is None else with_code(typed, code))
+
+
+def _finetuned(
+    model: nn.Module, params: Params, step_sets: list[Params], x_s: Tensor, y_s: Tensor, *, steps: int,
+    lr: LearningRate | None, inner_params: str, proximal: float,
+) -> ModelFn:  # fmt: skip
+    """The model after ``steps`` first-order SGD steps on ``(x_s, y_s)`` in eval mode, step k normalizing with
+    ``step_sets[min(k, K)]``, the result with ``step_sets[-1]``; 0 steps (``lr`` None): not moved."""
+    if steps == 0:
+        return model_fn(model, params, step_sets[-1])
+    per_step = [clone_buffers(step_sets[min(k, len(step_sets) - 1)]) for k in range(steps)]
+    theta = adapt(model, x_s, y_s, params=params, buffers=per_step, steps=steps, lr=lr, first_order=True,
+                  inner_params=inner_params, proximal=proximal)  # type: ignore[arg-type]  # fmt: skip
+    return model_fn(model, detach(theta), step_sets[-1])
 
 
 def support_bn_statistics(
