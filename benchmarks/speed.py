@@ -3,31 +3,42 @@
     python benchmarks/speed.py            # full: ~5 minutes on 2 CPU cores
     python benchmarks/speed.py --quick    # a smoke run in well under a minute
     python benchmarks/speed.py --ops      # also the kernel launches and host syncs per step (+ ~15 minutes on CPU)
+    python benchmarks/speed.py --only compile   # attack calls eager vs torch.compile (~7 minutes on 2 CPU cores)
+    python benchmarks/speed.py --device cuda --compile  # everything, with compiled and CUDA-graph attacks
 
-Prints markdown tables and writes benchmarks/results/speed_<device>.json and a scaling plot beside it:
-- metaadv's meta-step (looped over tasks, the default) vs its task-batched execution
+Prints markdown tables and writes benchmarks/results/speed_<device>[_<only>].json and a scaling plot beside it:
+- metaadv's meta-step (looped over tasks, `batched=False`) vs its task-batched execution
   (`MetaConfig(batched=True)`: one attack call for all tasks, vmap over the inner loop and query loss) vs
   the same algorithm written with `higher` (innerloop_ctx) and as a plain loop of torch.autograd calls over
-  `functional_call`; every variant crafts the same attacks (native PGD against the meta-parameters) and
-  takes one Adam step; ratios to the looped metaadv step and to the floor. Two options are timed beside
-  them: the attacks under bf16 autocast (`autocast_attacks`) and adversarial-example reuse
-  (`reuse_every=4`, per meta-step averaged over one crafting and three reusing steps).
+  `functional_call`, and a PGD-AT step on as many examples; every variant crafts the same attacks (native PGD
+  against the meta-parameters) and takes one Adam step; ratios to the looped metaadv step and to the floor.
+  Options timed beside them: the attacks under bf16 autocast (`autocast_attacks`), adversarial-example reuse
+  (`reuse_every=4`, per meta-step averaged over one crafting and three reusing steps) and, with ``--compile``,
+  compiled attacks (`compile_attacks="compile"`, looped and batched; `"cudagraphs"` batched, on CUDA).
 - native PGD vs torchattacks PGD, images per second at equal steps.
 - efficiency vs the floor: the meta-step divided by the forward/backward passes it must do
   (attack steps + inner steps + query pass) timed alone.
 - scaling: meta-step time (looped and batched) vs tasks (1..16) and vs inner steps (1..5), with the memory
   the autograd graph of the looped step holds for the meta-backward (and the CUDA peak on a GPU).
+- with ``--compile``: one attack call (PGD-5 and PGD-10 on 64 and 512 examples, SmallCNN in training mode
+  through functional parameters, as meta-training calls it) eager vs `compile_attacks` modes: steady-state
+  seconds per call and the first call's extra time (compilation; Inductor's caches in a fresh directory unless
+  TORCHINDUCTOR_CACHE_DIR is set), with dynamo's graph, graph-break and CUDA-graph-skip counts.
 - with ``--ops``: the kernel launches and host syncs of one step (pgd_at, meta looped, meta batched; 1..32
   tasks), counted on CPU whatever ``--device`` is (``benchmarks/op_count.py``), in the JSON under ``ops``.
-Timings are medians over interleaved repeats (variants alternate), after warm-up.
+Timings are medians over interleaved repeats (variants alternate), after warm-up. ``--only`` runs some sections;
+the JSON is written after each section, so a run cut short keeps what it finished.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
+import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -39,15 +50,19 @@ import torch.nn.functional as F
 import torchattacks
 
 import metaadv as ma
+from metaadv.attacks.compiled import compiled_attacks
+from metaadv.attacks.spec import run_grouped
 from metaadv.engine import resolve_device
 from metaadv.functional import call, clone_buffers, model_fn, state
 from metaadv.meta import meta_batch_loss
 from metaadv.meta.options.reuse import AdversarialPool
 from metaadv.models import SmallCNN
 from metaadv.tasks import split_support_query
+from metaadv.training_methods.adversarial import attack_losses
 
 EPS, INNER_LR = 0.3, 0.01
 REUSE = 4  # reuse_every of the reuse variant
+SECTIONS = ("peers", "pgd", "scaling", "compile", "ops")
 
 
 class Bench:
@@ -66,26 +81,24 @@ class Bench:
         self.attack = ma.attacks.make(self.spec)
         self.dist = ma.AttackDistribution([self.spec], seed=0)
         self.cfg = ma.MetaConfig(tasks_per_batch=tasks, support_size=shots, query_size=shots, sample_replace=True,
-                                 inner_steps=inner, inner_lr=INNER_LR)  # fmt: skip
-        self.cfg_batched = dataclasses.replace(self.cfg, batched=True)
-        self.cfg_bf16 = dataclasses.replace(self.cfg, autocast_attacks=True)
+                                 inner_steps=inner, inner_lr=INNER_LR, batched=False)  # fmt: skip
+        self.metaadv, self.metaadv_batched = self.meta_step(), self.meta_step(batched=True)  # looped, task-batched
+
+    def meta_step(self, **options: object) -> Callable[[], None]:
+        """One metaadv meta-step with ``MetaConfig`` options changed (``batched=True``, ``compile_attacks=...``)."""
+        cfg = dataclasses.replace(self.cfg, **options)
+        return lambda: self.update(meta_batch_loss(self.model, self.params, self.buffers,
+                                                   self.dist.sample(self.tasks), self.x, self.y, cfg).loss)  # fmt: skip
 
     def update(self, loss: torch.Tensor) -> None:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
 
-    def metaadv(self) -> None:
-        self.update(meta_batch_loss(self.model, self.params, self.buffers, self.dist.sample(self.tasks),
-                                    self.x, self.y, self.cfg).loss)  # fmt: skip
-
-    def metaadv_batched(self) -> None:
-        self.update(meta_batch_loss(self.model, self.params, self.buffers, self.dist.sample(self.tasks),
-                                    self.x, self.y, self.cfg_batched).loss)  # fmt: skip
-
-    def metaadv_bf16_attacks(self) -> None:
-        self.update(meta_batch_loss(self.model, self.params, self.buffers, self.dist.sample(self.tasks),
-                                    self.x, self.y, self.cfg_bf16).loss)  # fmt: skip
+    def pgd_at(self) -> None:
+        """A PGD-AT step (the library's loss: attack with scratch BatchNorm statistics, then one forward) on all
+        ``tasks * 2 * shots`` examples with the same attack."""
+        self.update(attack_losses(self.model, [self.attack], self.x, self.y).mean())
 
     def metaadv_reuse(self, every: int = REUSE) -> None:
         """``every`` meta-steps with ``reuse_every=every``: one crafts the sets, the others reuse them."""
@@ -232,60 +245,155 @@ def ops_table(quick: bool, shots: int, steps: int) -> dict:
     return table
 
 
+def compile_rows(device: torch.device, n: int, steps: tuple[int, ...], repeats: int) -> list[dict]:
+    """One attack call on ``n`` examples, eager vs each compile mode, against SmallCNN in training mode through
+    functional parameters (as meta-training calls it). A row per attack: ``eager_seconds``, ``<mode>_seconds``
+    (steady), ``<mode>_speedup``, ``<mode>_compile_seconds`` (its first call minus its steady call) and counts."""
+    torch._dynamo.reset()  # every size compiles afresh, static, as a fixed-shape training run would
+    torch.manual_seed(0)
+    train, _ = ma.data.load("mnist5k")
+    x, y = train.x[:n].to(device), train.y[:n].to(device)
+    model = SmallCNN().to(device).train()
+    target = model_fn(model, *state(model))
+    attacks = {k: ma.attacks.make(f"pgd_linf(eps={EPS}, steps={k})") for k in steps}
+
+    def run(mode: str, k: int) -> None:
+        with compiled_attacks(mode):
+            run_grouped([attacks[k]], target, [x], [y])
+
+    modes = ("compile", "cudagraphs") if device.type == "cuda" else ("compile",)
+    calls = {(mode, k): functools.partial(run, mode, k) for mode in ("off", *modes) for k in steps}
+    first, counts = {}, {}
+    c = torch._dynamo.utils.counters
+    for mode in ("off", *modes):  # each mode's first calls: compilation (or CUDA graph recording) + run
+        c.clear()
+        for k in steps:
+            sync(device)
+            start = time.perf_counter()
+            calls[mode, k]()
+            sync(device)
+            first[mode, k] = time.perf_counter() - start
+        counts[mode] = {"graphs": c["stats"]["unique_graphs"], "graph_breaks": sum(c["graph_break"].values()),
+                        "cudagraph_skips": c["inductor"]["cudagraph_skips"]}  # fmt: skip
+    med = time_side_by_side({f"{m}/{k}": fn for (m, k), fn in calls.items()}, repeats, device)
+    rows = []
+    for k in steps:
+        row = {"examples": n, "attack_steps": k, "eager_seconds": med[f"off/{k}"]}
+        for mode in modes:
+            row |= {f"{mode}_seconds": med[f"{mode}/{k}"], f"{mode}_speedup": med[f"off/{k}"] / med[f"{mode}/{k}"],
+                    f"{mode}_compile_seconds": first[mode, steps[0]] - med[f"{mode}/{steps[0]}"],
+                    **{f"{mode}_{key}": v for key, v in counts[mode].items()}}  # fmt: skip
+        rows.append(row)
+    return rows
+
+
+def compile_table(device: torch.device, quick: bool, repeats: int) -> list[dict]:
+    """Print and return :func:`compile_rows` for PGD-5/10 on 64 and 512 examples (PGD-2 on 16 and 32 with quick)."""
+    sizes, steps = ((16, 32), (2,)) if quick else ((64, 512), (5, 10))
+    modes = ("compile", "cudagraphs") if device.type == "cuda" else ("compile",)
+    print(f"\n## Attack calls: eager vs {' vs '.join(modes)} (SmallCNN, training mode, functional params, {device}, "
+          f"median of {repeats}; compilation = first call - steady call, per batch size)\n")  # fmt: skip
+    head = " | ".join(f"{m} (s) | speedup | {m}: compiling (s)" for m in modes)
+    print(f"| examples | attack | eager (s) | {head} | graphs / breaks / CUDA graph skips |\n|---:|---|---:|"
+          + "---:|---:|---:|" * len(modes) + "---|")  # fmt: skip
+    rows = [r for n in sizes for r in compile_rows(device, n, steps, repeats)]
+    for r in rows:
+        cells = [f"{r[f'{m}_seconds']:.4f} | {r[f'{m}_speedup']:.2f} | {r[f'{m}_compile_seconds']:.1f}" for m in modes]
+        counts = ", ".join(f"{r[f'{m}_graphs']} / {r[f'{m}_graph_breaks']} / {r[f'{m}_cudagraph_skips']}"
+                           for m in modes)  # fmt: skip
+        print(f"| {r['examples']} | PGD-{r['attack_steps']} | {r['eager_seconds']:.4f} | {' | '.join(cells)} | "
+              f"{counts} |")  # fmt: skip
+    return rows
+
+
+def peers(b: Bench, device: torch.device, repeats: int, compile_variants: bool) -> dict[str, float]:
+    """Print and return the median seconds of the meta-step variants, its peers and the floor."""
+    variants = {
+        "metaadv": b.metaadv,
+        "metaadv_batched": b.metaadv_batched,
+        "higher": b.higher_loop,
+        "plain_loop": b.plain_loop,
+        "pgd_at": b.pgd_at,
+        "floor": b.floor,
+        "metaadv_bf16_attacks": b.meta_step(autocast_attacks=True),
+        f"metaadv_reuse{REUSE}": b.metaadv_reuse,
+    }
+    if compile_variants:  # the first (warm-up) call compiles
+        variants["metaadv_compiled_attacks"] = b.meta_step(compile_attacks="compile")
+        variants["metaadv_batched_compiled_attacks"] = b.meta_step(batched=True, compile_attacks="compile")
+        if device.type == "cuda":
+            variants["metaadv_batched_cudagraph_attacks"] = b.meta_step(batched=True, compile_attacks="cudagraphs")
+    med = time_side_by_side(variants, repeats, device)  # fmt: skip
+    med[f"metaadv_reuse{REUSE}"] /= REUSE  # per meta-step, amortized over one crafting step and REUSE - 1 reusing ones
+    print(f"## Meta-step vs peers ({b.tasks} tasks x {b.shots}+{b.shots}, {b.spec}, 1 second-order inner step, "
+          f"{device}, {torch.get_num_threads()} threads, median of {repeats})\n")  # fmt: skip
+    print("| variant | seconds | time / looped metaadv | time / floor |\n|---|---:|---:|---:|")
+    for k in (k for k in med if k != "floor"):
+        print(f"| {k} | {med[k]:.3f} | {med[k] / med['metaadv']:.2f} | {med[k] / med['floor']:.2f} |")
+    print(f"| floor (passes alone) | {med['floor']:.3f} | | 1.00 |")
+    return med
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes and few repeats (smoke test)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/speed_<device>.json)")
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/speed_<device>[_<only>].json)")
     p.add_argument("--ops", action="store_true", help="also count kernel launches and host syncs per step (on CPU)")
+    p.add_argument("--compile", action="store_true", help="also compiled attacks (compile_attacks; cudagraphs on CUDA)")
+    p.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections (implies their flags)")
     args = p.parse_args()
     device = resolve_device(args.device)
     quick = args.quick
     shots, steps, repeats = (8, 2, 2) if quick else (32, 5, 5)
     tasks_main = 2 if quick else 8
+    sections = set(args.only or ("peers", "pgd", "scaling", *(["compile"] * args.compile), *(["ops"] * args.ops)))
+    compiling = args.compile or "compile" in sections
+    if compiling and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:  # cold compilation times: fresh caches
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="speed_inductor_")
     result: dict = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "shots": shots, "attack_steps": steps, "quick": quick}  # fmt: skip
-
-    b = Bench(device, tasks_main, shots, steps, inner=1)
-    variants = {"metaadv": b.metaadv, "metaadv_batched": b.metaadv_batched, "higher": b.higher_loop,
-                "plain_loop": b.plain_loop, "floor": b.floor, "metaadv_bf16_attacks": b.metaadv_bf16_attacks,
-                f"metaadv_reuse{REUSE}": b.metaadv_reuse}  # fmt: skip
-    med = time_side_by_side(variants, repeats, device)
-    med[f"metaadv_reuse{REUSE}"] /= REUSE  # per meta-step, amortized over one crafting step and REUSE - 1 reusing ones
-    result["peers"] = {"tasks": tasks_main, **med}
-    print(f"## Meta-step vs peers ({tasks_main} tasks x {shots}+{shots}, PGD-{steps}, 1 second-order inner step, "
-          f"{device}, {torch.get_num_threads()} threads, median of {repeats})\n")  # fmt: skip
-    print("| variant | seconds | time / looped metaadv | time / floor |\n|---|---:|---:|---:|")
-    for k in ("metaadv", "metaadv_batched", "metaadv_bf16_attacks", f"metaadv_reuse{REUSE}", "higher", "plain_loop"):
-        print(f"| {k} | {med[k]:.3f} | {med[k] / med['metaadv']:.2f} | {med[k] / med['floor']:.2f} |")
-    print(f"| floor (passes alone) | {med['floor']:.3f} | | 1.00 |")
-
-    thr = pgd_throughput(device, 64 if quick else 512, 5 if quick else 10, repeats)
-    result["pgd"] = thr
-    print("\n## PGD throughput (images/s, same eps/alpha/steps)\n")
-    native, theirs = thr["native_img_per_s"], thr["torchattacks_img_per_s"]
-    print(
-        f"| native | torchattacks | ratio |\n|---:|---:|---:|\n| {native:.0f} | {theirs:.0f} | {native / theirs:.2f} |"
-    )
-
-    print("\n## Scaling (metaadv meta-step; graph and peak memory of the looped step)\n")
-    print("| tasks | inner steps | looped (s) | batched (s) | autograd graph (MiB) | CUDA peak (MiB) |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    r = max(2, repeats // 2)
-    result["scaling_tasks"] = [
-        scaling_row(device, t, shots, steps, 1, r) for t in ((1, 2, 4) if quick else (1, 2, 4, 8, 16))
-    ]
-    result["scaling_inner"] = [scaling_row(device, 4, shots, steps, k, r) for k in ((1, 2) if quick else (1, 2, 3, 5))]
-
-    if args.ops:
-        result["ops"] = ops_table(quick, shots, steps)
-
-    out = Path(args.out or f"benchmarks/results/speed_{device.type}{'_quick' if quick else ''}.json")
+                    "shots": shots, "attack_steps": steps, "quick": quick, "sections": sorted(sections)}  # fmt: skip
+    if device.type == "cuda":
+        result["gpu"] = torch.cuda.get_device_name(device)
+    only = "".join(f"_{k}" for k in args.only or ())  # a partial run never overwrites the full run's JSON
+    out = Path(args.out or f"benchmarks/results/speed_{device.type}{'_quick' if quick else ''}{only}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    figure = out.with_name(f"{out.stem}_scaling.png")  # next to the JSON
-    plot_scaling(result, figure)
-    print(f"\nwrote {out} and {figure}")
+
+    def save() -> None:
+        out.write_text(json.dumps(result, indent=2))
+
+    if "peers" in sections:
+        result["peers"] = {"tasks": tasks_main, **peers(Bench(device, tasks_main, shots, steps, 1), device, repeats,
+                                                         compiling)}  # fmt: skip
+        save()
+    if "pgd" in sections:
+        thr = result["pgd"] = pgd_throughput(device, 64 if quick else 512, 5 if quick else 10, repeats)
+        native, theirs = thr["native_img_per_s"], thr["torchattacks_img_per_s"]
+        print("\n## PGD throughput (images/s, same eps/alpha/steps)\n\n| native | torchattacks | ratio |")
+        print(f"|---:|---:|---:|\n| {native:.0f} | {theirs:.0f} | {native / theirs:.2f} |")
+        save()
+    if "scaling" in sections:
+        print("\n## Scaling (metaadv meta-step; graph and peak memory of the looped step)\n")
+        print("| tasks | inner steps | looped (s) | batched (s) | autograd graph (MiB) | CUDA peak (MiB) |")
+        print("|---:|---:|---:|---:|---:|---:|")
+        r = max(2, repeats // 2)
+        result["scaling_tasks"] = [
+            scaling_row(device, t, shots, steps, 1, r) for t in ((1, 2, 4) if quick else (1, 2, 4, 8, 16))
+        ]
+        result["scaling_inner"] = [
+            scaling_row(device, 4, shots, steps, k, r) for k in ((1, 2) if quick else (1, 2, 3, 5))
+        ]
+        save()
+        figure = out.with_name(f"{out.stem}_scaling.png")  # next to the JSON
+        plot_scaling(result, figure)
+        print(f"\nwrote {figure}")
+    if "compile" in sections:
+        result["compile"] = compile_table(device, quick, repeats)
+        save()
+    if "ops" in sections:
+        result["ops"] = ops_table(quick, shots, steps)
+        save()
+    print(f"\nwrote {out}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ..types import ModelFn
 from ..validation import check_int
+from .compiled import loss_gradient
 from .norms import L0, L1, NORMS, LpNorm, per_example
 from .registry import register
 
@@ -37,10 +38,11 @@ def steepest_ascent(
 ) -> Tensor:
     """Projected steepest ascent on the cross-entropy within the ``norm`` ball of radius ``eps``.
 
-    Each step: gradient w.r.t. the perturbation only (``torch.autograd.grad``; the model's
-    parameters get no ``.grad``), a step of size ``alpha`` in ``norm`` (on the momentum buffer
-    ``g <- momentum * g + grad / mean|grad|`` if ``momentum`` is set, as MI-FGSM), projection onto
-    the ball, then onto [0, 1] — at every step, so no pixel gets stuck outside the image range.
+    Each step: gradient w.r.t. the perturbation only (``compiled.loss_gradient``: ``torch.autograd.grad``,
+    eager or under ``torch.compile`` inside ``compiled_attacks``; the model's parameters get no ``.grad``),
+    a step of size ``alpha`` in ``norm`` (on the momentum buffer ``g <- momentum * g + grad / mean|grad|``
+    if ``momentum`` is set, as MI-FGSM), projection onto the ball, then onto [0, 1] — at every step, so no
+    pixel gets stuck outside the image range.
     With ``restarts > 1`` each example keeps the restart that misclassifies it, else the one with
     the highest loss.
 
@@ -54,10 +56,7 @@ def steepest_ascent(
         delta = (x + delta).clamp(0, 1) - x
         buffer = torch.zeros_like(x)
         for _ in range(steps):
-            delta.requires_grad_(True)
-            loss = F.cross_entropy(model_fn(x + delta), y, reduction="sum")
-            (grad,) = torch.autograd.grad(loss, delta)
-            delta = delta.detach()
+            grad = loss_gradient(model_fn, x + delta, y)  # eager, or compiled under compiled_attacks()
             if momentum is not None:
                 buffer = momentum * buffer + grad / grad.abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
                 grad = buffer
