@@ -22,16 +22,17 @@ import torch
 import metaadv as ma
 
 SPECS = ["fgsm(eps=0.3)", "pgd_linf(eps=0.3, steps=2)", "pgd_l2(eps=2.0, steps=2)"]
-META = {
-    "default": {}, "batched": {"batched": True}, "fo": {"first_order": True}, "attention": {"task_attention": True},
+LOOPED = {
+    "default": {}, "fo": {"first_order": True}, "attention": {"task_attention": True},
     "task_bn": {"task_bn": True}, "step_bn": {"per_step_bn": True, "inner_steps": 2},
     "film_type": {"task_encoding": "type"}, "film_support": {"task_encoding": "support"},
     "dropout": {"meta_dropout": 0.2}, "reuse": {"reuse_every": 2}, "metasgd": {"learn_inner_lr": True},
     "fo_until": {"first_order_until": 2}, "adapted": {"query_attack": "adapted"}, "clean": {"clean_weight": 0.3},
-    "head": {"inner_params": "head", "proximal": 0.1}, "batched_attention": {"batched": True, "task_attention": True},
-    "batched_taskbn": {"batched": True, "task_bn": True}, "batched_metasgd": {"batched": True, "learn_inner_lr": True},
-    "batched_adapted": {"batched": True, "query_attack": "adapted"}, "generator": {"persistent_generator": True},
+    "head": {"inner_params": "head", "proximal": 0.1}, "generator": {"persistent_generator": True},
 }  # fmt: skip
+# the looped reference (explicit: the default meta-step is batched), then the batched step with each option
+META = {**{k: {**v, "batched": False} for k, v in LOOPED.items()},
+        **{("batched_" + k).removesuffix("_default"): {**v, "batched": True} for k, v in LOOPED.items()}}  # fmt: skip
 BASELINES = {"erm": [], "pgd_at": [SPECS[1]], "fast_at": ["fgsm_rs(eps=0.3)"], "trades": [SPECS[1]],
              "avg": SPECS[1:], "max": SPECS[1:], "msd": SPECS[1:], "sat": SPECS[1:], "ramp": SPECS[1:]}  # fmt: skip
 HISTORY = ("loss", "query_loss", "query_acc", "grad_norm", "skipped", "task_weights", "crafted", "gp_cos", "task_names")
@@ -62,7 +63,7 @@ def run(name: str, x: torch.Tensor, y: torch.Tensor) -> ma.TrainResult:
     torch.manual_seed(0)
     model = ma.models.SmallCNN()
     if name in META:
-        specs = SPECS + (["generator(eps=0.3, steps=2)"] if name == "generator" else [])
+        specs = SPECS + (["generator(eps=0.3, steps=2)"] if "generator" in name else [])
         config = ma.MetaConfig(tasks_per_batch=2, support_size=8, query_size=8, steps=3, device="cpu", **META[name])
         return ma.meta_train(model, (x, y), ma.AttackDistribution(specs, seed=0), config, progress=False)
     loop = ma.LoopConfig(steps=3, batch_size=32, device="cpu")

@@ -93,7 +93,7 @@ class MetaConfig:
     log_every: int = 10  # log a line every this many meta-steps
     max_bad_steps: int = 5  # stop after this many consecutive meta-steps with a non-finite loss/gradient (each skipped)
     deterministic: bool = False  # GPU: deterministic cuDNN/cuBLAS kernels (slower); CPU runs repeat exactly anyway
-    batched: bool = False  # task-batched meta-step: one attack call per attack family, vmap over tasks (GPU)
+    batched: bool = True  # task-batched meta-step (every device); False: the looped reference, one task at a time
     # Inner-loop options (docs/meta_options.md); the defaults are plain MAML.
     inner_params: str = "all"  # adapted in the inner loop: "all" or "head" (ANIL: the last layer with parameters)
     proximal: float = 0.0  # lambda >= 0: the inner loss is L_support(theta') + lambda * ||theta' - theta||^2
@@ -113,6 +113,7 @@ class MetaConfig:
     # Performance options (docs/performance.md).
     reuse_every: int = 1  # R: craft a task type's adversarial sets at most every R meta-steps, reuse them between
     autocast_attacks: bool = False  # craft adversarial examples under bf16 autocast (the meta-gradient stays fp32)
+    compile_attacks: str = "off"  # attacks' per-step gradient: "off", "compile" (torch.compile), "cudagraphs" (CUDA)
 
     def __post_init__(self) -> None:
         for name in ("tasks_per_batch", "support_size", "query_size", "epochs", "log_every", "max_bad_steps",
@@ -132,15 +133,10 @@ class MetaConfig:
         for name in ("first_order", "sample_replace", "deterministic", "batched", "learn_inner_lr", "autocast_attacks",
                      "task_attention", "task_bn", "per_step_bn", "persistent_generator"):  # fmt: skip
             self._require(name, isinstance(getattr(self, name), bool), "True or False")
+        self._require("compile_attacks", self.compile_attacks in ("off", "compile", "cudagraphs"),
+                      "'off', 'compile' or 'cudagraphs'")  # fmt: skip
         self._require("task_encoding", self.task_encoding in TASK_ENCODINGS, f"one of {TASK_ENCODINGS}")
         self._require("meta_dropout", _is_num(self.meta_dropout) and 0 <= self.meta_dropout < 1, "in [0, 1)")
-        looped_only = {"task_encoding": self.task_encoding != "none", "meta_dropout": self.meta_dropout > 0,
-                       "per_step_bn": self.per_step_bn}  # fmt: skip
-        for name, on in looped_only.items():
-            if on and self.batched:
-                raise ValueError(
-                    f"MetaConfig.{name}={getattr(self, name)!r} needs the looped meta-step: set batched=False"
-                )
         self._require("outer_optimizer", self.outer_optimizer in OPTIMIZERS, f"one of {OPTIMIZERS}")
         self._require("query_attack", self.query_attack in _QUERY_ATTACK, f"one of {_QUERY_ATTACK}")
         self._require("device", isinstance(self.device, str) and self.device != "", "'auto', 'cpu' or 'cuda[:i]'")

@@ -17,6 +17,9 @@ from metaadv.attacks.spec import group_by_batch_key, run_grouped
 from metaadv.functional import state
 from metaadv.meta import TaskSets, craft_task_sets, meta_batch_loss, task_losses
 from metaadv.meta.inner import adapt, adapt_tasks
+from metaadv.meta.options.film import FiLM, TaskEncoding
+from metaadv.meta.options.meta_dropout import MetaDropout, MetaDropoutOption
+from metaadv.meta.options.step_bn import StepBatchNorm
 from metaadv.models import SmallCNN
 from metaadv.tasks import AttackTask, split_support_query
 
@@ -123,11 +126,12 @@ def test_batchnorm_running_statistics_after_batched_meta_steps_equal_looped(mome
     assert_all_close(list(after[True].values()), list(after[False].values()))
 
 
-def test_batched_crafting_equals_per_task_crafting_in_eval_mode_without_random_starts():
-    """In eval mode examples do not interact, and without random starts the attacks are deterministic:
-    one call per attack family then equals one call per task (in training mode BatchNorm's batch statistics
-    over a group's concatenated batch legitimately differ)."""
-    model = tiny_cnn().eval()
+@pytest.mark.parametrize("training", [False, True])
+def test_batched_crafting_equals_per_task_crafting_without_random_starts(training):
+    """Without random starts the attacks are deterministic, and each task's examples are normalized with their
+    own BatchNorm statistics in training mode (as in a call per task): one call per attack family then equals
+    one call per task."""
+    model = tiny_cnn().train(training)
     params, buffers = state(model)
     x, y = clean_batch(5)
     tasks = tasks_of(
@@ -228,3 +232,58 @@ def test_batched_meta_step_reads_nothing_back_from_the_gpu():
         meta_batch_loss(model, params, buffers, tasks, x, y, cfg).loss.backward()
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+def test_batched_per_step_batchnorm_equals_looped():
+    """Per-step statistics (MAML++): each inner step's support pass moves its set once per task, in task order,
+    and the query pass the last set, in both modes; the meta-gradient is the same."""
+    model, sets, after = tiny_cnn(), fixed_sets(), {}
+    for batched in (False, True):
+        copy_ = copy.deepcopy(model)
+        params, buffers = state(copy_)
+        step_bn = StepBatchNorm(copy_, buffers, 2)
+        cfg = config(batched, per_step_bn=True, inner_steps=2, inner_lr=0.1)
+        loss, _, _ = task_losses(copy_, params, buffers, tasks_of(*["fgsm(eps=0.1)"] * N_TASKS), sets, cfg,
+                                 options=[step_bn])  # fmt: skip
+        grads = torch.autograd.grad(loss.mean(), list(params.values()))
+        after[batched] = (grads, loss.detach(), [list(s.values()) for s in step_bn.sets(buffers)])
+    assert_all_close(after[True][0], after[False][0])
+    assert_all_close(after[True][1], after[False][1])
+    for k, (a, b) in enumerate(zip(after[True][2], after[False][2], strict=True)):
+        assert int(a[2]) == int(b[2]) == N_TASKS, k  # num_batches_tracked of the first BatchNorm layer
+        assert_all_close(a, b)
+
+
+def test_batched_meta_dropout_draws_each_task_its_own_masks_and_trains_the_keep_logits():
+    torch.manual_seed(0)
+    model = MetaDropout(SmallCNN(image_size=8, hidden=16).double(), p=0.2).train()
+    params, buffers = state(model)
+    tasks = tasks_of(*["fgsm(eps=0.1)"] * N_TASKS)
+    same = [fixed_sets()[0]] * N_TASKS  # identical tasks: only the dropout masks tell them apart
+    loss, _, _ = task_losses(model, params, buffers, tasks, same, config(True, meta_dropout=0.2, inner_lr=0.1),
+                             options=[MetaDropoutOption()])  # fmt: skip
+    assert len(set(loss.tolist())) == N_TASKS
+    grads = torch.autograd.grad(loss.mean(), [params["keep_logits.0"], params["keep_logits.1"]])
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("encoding", ["type", "support"])
+@pytest.mark.parametrize("query_attack", ["meta", "adapted"])
+def test_batched_task_encoding_equals_looped(encoding, query_attack):
+    """FiLM task codes, one per task (the type's embedding, or the support set's encoding), in the attacks, the
+    inner loop and the query pass: the sets, the meta-gradient (embedding or encoder included) and the
+    statistics agree."""
+    torch.manual_seed(0)
+    model = FiLM(SmallCNN(image_size=8, hidden=16), n_types=3, dim=4, encoding=encoding).double().train()
+    x, y = clean_batch()
+    tasks = tasks_of("fgsm(eps=0.1)", "pgd_linf(eps=0.2, steps=2, random_start=False)", "fgsm(eps=0.3)")
+    found = {}
+    for batched in (False, True):
+        copy_ = copy.deepcopy(model)
+        params, buffers = state(copy_)
+        cfg = config(batched, task_encoding=encoding, encoding_dim=4, inner_lr=0.1, query_attack=query_attack)
+        out = meta_batch_loss(copy_, params, buffers, tasks, x, y, cfg, options=[TaskEncoding(encoding)])
+        grads = torch.autograd.grad(out.loss, list(params.values()))
+        found[batched] = (grads, (out.query_loss, out.query_acc), list(buffers.values()))
+    for a, b in zip(found[True], found[False], strict=True):
+        assert_all_close(a, b)

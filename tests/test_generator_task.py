@@ -99,6 +99,13 @@ def test_the_batched_meta_step_trains_the_persistent_generator_per_task():
     assert adam_steps(result.generators.attacks[1]) == 2 * 2  # not grouped into a fresh run_grouped call
 
 
+def test_the_batched_meta_step_with_adapted_queries_trains_the_generator_on_support_and_query_sets():
+    result = tiny_run(steps=2, persistent_generator=True, batched=True, query_attack="adapted")
+    looped = tiny_run(steps=2, persistent_generator=True, query_attack="adapted")
+    assert all(torch.isfinite(torch.tensor(r["loss"])) and not r["skipped"] for r in result.history)
+    assert adam_steps(result.generators.attacks[1]) == adam_steps(looped.generators.attacks[1]) > 2 * 2
+
+
 def test_the_option_changes_training_and_off_is_the_plain_run():
     plain, off, on = tiny_run(), tiny_run(persistent_generator=False), tiny_run(persistent_generator=True)
     assert [r["loss"] for r in off.history] == [r["loss"] for r in plain.history] and "generators" not in off.artifacts
@@ -124,8 +131,6 @@ def test_a_resumed_run_equals_an_uninterrupted_one_generators_included(tmp_path)
 def test_a_distribution_without_a_generator_type_is_refused():
     with pytest.raises(ValueError, match="persistent_generator=True needs a 'generator"):
         tiny_run(steps=1, specs=["fgsm(eps=0.3)", "pgd_linf(eps=0.3, steps=2)"], persistent_generator=True)
-    with pytest.raises(ValueError, match="query_attack='adapted'"):
-        tiny_run(steps=1, persistent_generator=True, batched=True, query_attack="adapted")
 
 
 def test_binding_tasks_of_another_distribution_is_refused():

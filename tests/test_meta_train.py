@@ -120,13 +120,14 @@ def test_meta_train_runs_on_cuda(mnist):
     assert next(result.model.parameters()).is_cuda
 
 
-def test_with_every_option_at_its_default_meta_train_is_plain_maml_bit_for_bit():
+def test_the_looped_reference_with_every_option_at_its_default_is_plain_maml_bit_for_bit():
     """The meta-step written out by hand from the public pieces (seeded data order and task sampler, one attack
     call per task on its support and query digits against the meta-parameters, second-order ``adapt`` on scratch
     BatchNorm statistics, the query pass updating the model's, the mean over tasks, Adam) gives the very bits
-    ``meta_train`` gives with a default MetaConfig."""
+    ``meta_train`` gives with a default MetaConfig run looped (``batched=False``: the reference the task-batched
+    default is compared against in tests/test_batched.py)."""
     x, y = ma.data.to_tensors(ma.data.load("mnist5k")[0], 256)
-    config = ma.MetaConfig(tasks_per_batch=2, support_size=8, query_size=8, steps=3, device="cpu")
+    config = ma.MetaConfig(tasks_per_batch=2, support_size=8, query_size=8, steps=3, device="cpu", batched=False)
     torch.manual_seed(0)
     trained = ma.meta_train(SmallCNN(hidden=16), (x, y), ma.AttackDistribution(TASKS, seed=0), config, progress=False)
 

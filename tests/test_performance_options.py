@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import metaadv as ma
+import metaadv.meta.craft as craft
 from metaadv import checkpoint as ckpt
 from metaadv.attacks import make
 from metaadv.functional import state
@@ -31,14 +32,20 @@ def tiny_run(tmp_path=None, steps=6, resume=False, **options):
 
 
 def count_attack_calls(monkeypatch) -> list[str]:
+    """The attack types crafted, one entry per task attacked: per task (looped) or per attack family (batched)."""
     calls: list[str] = []
-    original = AttackTask.__call__
+    original, grouped = AttackTask.__call__, craft.run_grouped
 
     def counting(self, *args, **kwargs):
         calls.append(self.name)
         return original(self, *args, **kwargs)
 
+    def counting_grouped(attacks, *args):
+        calls.extend(a.name for a in attacks)
+        return grouped(attacks, *args)
+
     monkeypatch.setattr(AttackTask, "__call__", counting)
+    monkeypatch.setattr(craft, "run_grouped", counting_grouped)
     return calls
 
 

@@ -115,7 +115,7 @@ def test_a_checkpoint_written_before_the_engine_split_resumes_bit_for_bit(tmp_pa
         torch.manual_seed(0)
         model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 10))
         cfg = ma.MetaConfig(tasks_per_batch=2, support_size=4, query_size=4, steps=steps, task_attention=True,
-                            task_bn=True, reuse_every=2, learn_inner_lr=True, device="cpu")  # fmt: skip
+                            task_bn=True, reuse_every=2, learn_inner_lr=True, device="cpu", batched=False)  # fmt: skip
         tasks = ma.AttackDistribution(["fgsm(eps=0.3)", "pgd_linf(eps=0.3, steps=2)"], seed=0)
         where = {"checkpoint_dir": checkpoint_dir, "resume": True} if checkpoint_dir else {}
         return ma.meta_train(model, (x, y), tasks, cfg, progress=False, **where)

@@ -46,7 +46,10 @@ def one_task(n: int = 8):
 
 
 def config(**options):
-    return ma.MetaConfig(tasks_per_batch=1, support_size=8, query_size=8, inner_steps=2, inner_lr=LR, **options)
+    """The looped reference step (its bits are compared with hand-written passes; tests/test_batched.py compares
+    the batched step with it)."""
+    return ma.MetaConfig(tasks_per_batch=1, support_size=8, query_size=8, inner_steps=2, inner_lr=LR,
+                         **{"batched": False, **options})  # fmt: skip
 
 
 def tiny_run(tmp_path=None, steps=3, resume=False, **options):

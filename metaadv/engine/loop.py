@@ -217,11 +217,13 @@ def _loop(trainable: Trainable, x: Tensor, y: Tensor, step: StepFn, loop: LoopCo
     stopper, last_saved = StopOnSignal(), (run.done, None)  # (step, file) of the newest checkpoint written here
     try:
         with stopper.installed(checkpointing.directory is not None):
+            order = run.order.to(x.device)  # the epoch's order on the device: one copy per epoch, not per step
             for i in range(run.done, total):
                 epoch, pos = divmod(i, per_epoch)
                 if pos == 0 and i > 0:
                     run.order = torch.randperm(len(x), generator=run.generator)
-                idx = run.order[pos * loop.batch_size : (pos + 1) * loop.batch_size].to(x.device)
+                    order = run.order.to(x.device)
+                idx = order[pos * loop.batch_size : (pos + 1) * loop.batch_size]
                 record = apply_step(trainable, step, x[idx], y[idx], i)
                 record = _account(run, record, i, epoch, elapsed(), loop, total, desc)
                 if logger is not None and _logged(i, loop, total):

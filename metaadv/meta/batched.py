@@ -16,13 +16,13 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import vmap
+from torch.func import functional_call, vmap
 
 from ..batchnorm import BatchStatistics, BatchStats
-from ..functional import Params, call, detach
+from ..functional import Params, detach
 from ..types import ModelFn
 
-__all__ = ["read_only", "shared_model_fn", "task_cross_entropy", "task_forward", "task_losses_of", "task_model_fn"]
+__all__ = ["pick_tasks", "read_only", "task_cross_entropy", "task_forward", "task_losses_of", "task_model_fn"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -39,22 +39,24 @@ def task_forward(
 ) -> tuple[Tensor, BatchStats]:
     """Logits (T, B, K) of T copies of ``model`` on their own images ``x`` (T, B, C, H, W).
 
-    ``params[k]`` is (T, *shape) for the names in ``batched`` (default: all) and shared otherwise;
-    ``buffers`` are shared and left unchanged (``read_only``). A training-mode BatchNorm normalizes each task
-    with its own batch statistics and leaves the running statistics alone; with ``record`` it also returns
-    each call's batch mean and unbiased variance, (T, C) each, by module prefix (``update_running_stats`` applies them).
-    ``second_order``: the pass's backward will itself be differentiated (an inner step's ``create_graph``);
-    BatchNorm then takes the backward that is cheap to differentiate (``batchnorm.BatchStatistics``).
+    ``batched`` names the parameters (or buffers) given per task, (T, *shape) (default: every parameter); the
+    others are shared. Buffers are left unchanged (``read_only``). A training-mode BatchNorm normalizes each
+    task with its own batch statistics and leaves the running statistics alone; with ``record`` it also
+    returns each call's batch mean and unbiased variance, (T, C) each, by module prefix
+    (``update_running_stats`` applies them). ``second_order``: the pass's backward will itself be
+    differentiated (an inner step's ``create_graph``); BatchNorm then takes the backward that is cheap to
+    differentiate (``batchnorm.BatchStatistics``). Each task draws its own random numbers (meta-dropout).
     """
     names = set(params) if batched is None else set(batched)
-    dims = ({k: 0 if k in names else None for k in params}, 0)
-    frozen = read_only(buffers)
+    tensors = {**params, **read_only(buffers)}
+    per_task = {k: v for k, v in tensors.items() if k in names}
+    shared = {k: v for k, v in tensors.items() if k not in names}
 
-    def one(p: Params, xb: Tensor) -> tuple[Tensor, BatchStats]:
+    def one(mine: Params, xb: Tensor) -> tuple[Tensor, BatchStats]:
         with BatchStatistics(buffers if record else None, second_order=second_order) as bn:
-            return call(model, p, frozen, xb), bn.batch_stats
+            return functional_call(model, {**shared, **mine}, (xb,)), bn.batch_stats
 
-    return vmap(one, in_dims=dims)(dict(params), x)
+    return vmap(one, randomness="different")(per_task, x)
 
 
 def task_cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
@@ -69,33 +71,36 @@ def task_losses_of(loss_fn: LossFn, logits: Tensor, y: Tensor) -> Tensor:
 
 
 def task_model_fn(
-    model: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], tasks: Sequence[int]
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    buffers: Mapping[str, Tensor],
+    n_tasks: int,
+    *,
+    batched: Collection[str] = (),
 ) -> ModelFn:
-    """An attack's model: images (len(tasks) * B, C, H, W), task by task, -> logits of each task's own copy.
+    """An attack's model for ``n_tasks`` tasks at once: images (n_tasks * B, C, H, W), task by task -> logits.
 
-    ``params`` hold (T, *shape) tensors; ``tasks`` picks the copies (in order). Detached parameters and
-    scratch buffers, as ``functional.model_fn``: the attack builds no graph to the parameters and moves no
-    statistics; a training-mode BatchNorm normalizes each task's examples with their own batch statistics.
+    ``batched`` names the tensors given per task ((n_tasks, *shape): an adapted copy per task); the others
+    are shared. Detached parameters, buffers left unchanged (``read_only``): the attack builds no graph to the
+    parameters and moves no statistics; a training-mode BatchNorm normalizes each task's examples with their
+    own batch statistics, as an attack on that task alone would.
     """
-    fixed = {k: _pick(v, tasks) for k, v in detach(params).items()}
+    fixed = detach(params)
 
     def fn(x: Tensor) -> Tensor:
-        logits, _ = task_forward(model, fixed, buffers, x.view(len(tasks), -1, *x.shape[1:]))
+        logits, _ = task_forward(model, fixed, buffers, x.view(n_tasks, -1, *x.shape[1:]), batched=batched)
         return logits.flatten(0, 1)
 
     return fn
 
 
-def shared_model_fn(model: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor]) -> ModelFn:
-    """An attack's model at the shared (meta-)parameters, as ``functional.model_fn`` but without copying the
-    buffers: a training-mode BatchNorm normalizes with the batch's statistics and moves nothing."""
-    fixed, frozen = detach(params), read_only(buffers)
-
-    def fn(x: Tensor) -> Tensor:
-        with BatchStatistics():
-            return call(model, fixed, frozen, x)
-
-    return fn
+def pick_tasks(tensors: Mapping[str, Tensor], tasks: Sequence[int]) -> Params:
+    """Rows ``tasks`` of each (T, ...) tensor: views for a run of consecutive tasks, else one copy each (no
+    index tensor to send to the device)."""
+    first = tasks[0]
+    if list(tasks) == list(range(first, first + len(tasks))):
+        return {k: v[first : first + len(tasks)] for k, v in tensors.items()}
+    return {k: torch.stack([v[i] for i in tasks]) for k, v in tensors.items()}
 
 
 def read_only(buffers: Mapping[str, Tensor]) -> dict[str, Tensor | None]:
@@ -103,12 +108,3 @@ def read_only(buffers: Mapping[str, Tensor]) -> dict[str, Tensor | None]:
     ``num_batches_tracked`` counters as None, so the module does not count the batch (its running statistics
     are left alone by ``BatchStatistics``). No copies."""
     return {k: None if k.endswith("num_batches_tracked") else v for k, v in buffers.items()}
-
-
-def _pick(v: Tensor, tasks: Sequence[int]) -> Tensor:
-    """Rows ``tasks`` of ``v`` (T, ...): a view for a run of consecutive tasks, else one copy (no index tensor to
-    send to the device)."""
-    first = tasks[0]
-    if list(tasks) == list(range(first, first + len(tasks))):
-        return v[first : first + len(tasks)]
-    return torch.stack([v[i] for i in tasks])

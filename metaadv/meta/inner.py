@@ -9,12 +9,13 @@ adapted copy towards the start (soft parameter sharing), and per-parameter step 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..batchnorm import update_running_stats
 from ..config import INNER_PARAMS
 from ..functional import Params, call, clone_buffers, state
 from ..validation import check_positive
@@ -126,6 +127,7 @@ def adapt_tasks(
     loss_fn: LossFn = F.cross_entropy,
     inner_params: str = "all",
     proximal: float = 0.0,
+    batched_buffers: Collection[str] = (),
 ) -> Params:
     """``adapt`` for T tasks at once: support images ``x`` (T, S, C, H, W), labels ``y`` (T, S).
 
@@ -133,11 +135,14 @@ def adapt_tasks(
     (``batched.task_forward``) and one ``torch.autograd.grad`` of the summed task losses gives every task's
     gradient. Returns adapted parameters name -> (T, *shape), differentiable w.r.t. ``params`` as
     ``adapt``'s are (parameters the inner loop does not adapt are expanded views of ``params``). BatchNorm
-    normalizes each task with its own batch statistics and never moves running statistics: ``buffers``
-    (default: the model's; a sequence: one dict per step, as in ``adapt``) are read, not updated.
+    normalizes each task with its own batch statistics. ``buffers`` as in ``adapt`` (a sequence: one dict per
+    step): given ones are updated in place when the model is in training mode, as the tasks' looped passes
+    would update them one task after the other (``update_running_stats``); by default the model's own are
+    read and left unchanged. ``batched_buffers``: the buffers given per task, (T, *shape) (FiLM task codes).
     """
     theta, fast, own_buffers = _start(model, params, steps, lr, inner_params, proximal)
     per_step = iter(_step_buffers(own_buffers if buffers is None else buffers, steps))
+    update = buffers is not None and model.training
     n, names = len(x), list(fast)
     leaves = [v if v.requires_grad else v.detach().requires_grad_() for v in fast.values()]
     # The adapted parameters as one (T, P) tensor, so that each update is one kernel whatever their number;
@@ -150,9 +155,12 @@ def adapt_tasks(
         return {k: w.view(n, *v.shape) for k, w, v in zip(names, views, leaves, strict=True)}
 
     def gradient(fast: Params) -> Params:
-        views = unflatten(fast["flat"])
-        logits, _ = task_forward(model, {**theta, **views}, next(per_step), x, batched=views,
-                                 second_order=not first_order)  # fmt: skip
+        views, step_buffers = unflatten(fast["flat"]), next(per_step)
+        names = {*views, *batched_buffers}
+        logits, stats = task_forward(model, {**theta, **views}, step_buffers, x, batched=names, record=update,
+                                     second_order=not first_order)  # fmt: skip
+        if update:
+            update_running_stats(model, step_buffers, stats)
         loss = task_losses_of(loss_fn, logits, y).sum()  # the tasks' losses are independent
         grads = torch.autograd.grad(loss, list(views.values()), create_graph=not first_order)
         return {"flat": torch.cat([g.reshape(n, -1) for g in grads], 1)}

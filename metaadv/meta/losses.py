@@ -14,8 +14,9 @@ from ..batchnorm import update_running_stats
 from ..config import MetaConfig
 from ..functional import Params, call, model_fn
 from ..tasks import AttackTask
+from ..types import ModelFn
 from ..views import stack_rows
-from .batched import task_cross_entropy, task_forward, task_model_fn
+from .batched import pick_tasks, task_cross_entropy, task_forward, task_model_fn
 from .craft import attack_precision
 from .inner import adapt, adapt_tasks
 from .options import check_given
@@ -40,7 +41,7 @@ def task_losses(
 
     Returns (loss (T,) differentiable w.r.t. ``params``, adversarial query loss (T,) detached, adversarial
     query accuracy (T,) detached). A query set that is None is crafted with the task's attack against the
-    adapted copy (one attack call per task, looped in both modes). The query forward passes update the
+    adapted copy. The query forward passes update the
     BatchNorm running statistics in ``buffers`` once per task, in task order.
 
     The inner loop is ``config``'s (``inner_steps``, ``inner_lr``, ``inner_params``, ``proximal``), first order
@@ -49,10 +50,10 @@ def task_losses(
     per-step BatchNorm statistics; ``task_loop``: FiLM task codes).
 
     Batched (``config.batched``; all tasks need equal support and query sizes): the inner loop is
-    ``adapt_tasks`` (``adapt``'s update rule vmapped over tasks) and the query loss is vmapped, with
-    BatchNorm computed from primitives in both (native BatchNorm's second-order gradients are wrong under
-    vmap) and the running-statistics updates applied after the vmapped query pass, task by task. Equal to
-    the looped stage up to float rounding.
+    ``adapt_tasks`` (``adapt``'s update rule on the T copies at once), the query forward pass runs the T
+    adapted copies at once (``batched.task_forward``), with the running-statistics updates applied after it,
+    task by task, and the query attacks against the adapted copies run one call per attack family. Equal to
+    the looped stage up to float rounding (and the random numbers drawn: meta-dropout's masks, random starts).
     """
     check_given(config, options)
     settings = {"steps": config.inner_steps, "lr": config.inner_lr, "first_order": config.first_order_at(step),
@@ -60,13 +61,13 @@ def task_losses(
     loop = InnerLoop(settings, buffers, buffers, buffers)
     for option in options:
         loop = option.inner_loop(loop)
+    for option in options:
+        loop = option.task_loop(model, params, tasks, sets, loop)
     if config.batched:
-        return _batched_losses(model, params, buffers, tasks, sets, config, loop)
+        return _batched_losses(model, params, tasks, sets, config, loop)
     out = []
-    for task, s in zip(tasks, sets, strict=True):
-        task_loop = loop
-        for option in options:
-            task_loop = option.task_loop(model, params, task, s, task_loop)
+    for i, (task, s) in enumerate(zip(tasks, sets, strict=True)):
+        task_loop = loop.for_task(i)
         adapted = adapt(model, s.support, s.support_y, params=params, **task_loop.settings)
         query = s.query
         if query is None:
@@ -81,19 +82,20 @@ def task_losses(
 def _batched_losses(
     model: nn.Module,
     params: Params,
-    buffers: Params,
     tasks: Sequence[AttackTask],
     sets: Sequence[TaskSets],
     config: MetaConfig,
     loop: InnerLoop,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    loop = loop.stacked()  # per-task buffers as (T, *shape) tensors
     support = stack_rows([s.support for s in sets])  # (T, S, C, H, W)
     support_y = stack_rows([s.support_y for s in sets])  # (T, S)
-    adapted = adapt_tasks(model, support, support_y, params=params, **{"buffers": loop.buffers, **loop.settings})
+    adapted = adapt_tasks(model, support, support_y, params=params, batched_buffers=loop.per_task, **loop.settings)
     query_clean, query_y = stack_rows([s.query_clean for s in sets]), stack_rows([s.query_y for s in sets])
-    query = _adapted_queries(model, adapted, loop.attack_buffers, tasks, sets, config)  # (T, Q, C, H, W)
+    query = _adapted_queries(model, adapted, loop, tasks, sets, config)  # (T, Q, C, H, W)
     x = torch.cat([query, query_clean], 1) if config.clean_weight > 0 else query
-    logits, batch_stats = task_forward(model, adapted, loop.query_buffers, x, record=True)  # (T, Q or 2Q, K)
+    logits, batch_stats = task_forward(model, adapted, loop.query_buffers, x, batched={*adapted, *loop.per_task},
+                                       record=True)  # (T, Q or 2Q, K)  # fmt: skip
     update_running_stats(model, loop.query_buffers, batch_stats)
     adv_logits = logits[:, : query_y.shape[1]]
     adv_loss = loss = task_cross_entropy(adv_logits, query_y)  # (T,)
@@ -105,21 +107,32 @@ def _batched_losses(
 
 
 def _adapted_queries(
-    model: nn.Module, adapted: Params, buffers: Params, tasks: Sequence[AttackTask], sets: Sequence[TaskSets],
+    model: nn.Module, adapted: Params, loop: InnerLoop, tasks: Sequence[AttackTask], sets: Sequence[TaskSets],
     config: MetaConfig,
 ) -> Tensor:  # fmt: skip
     """Each task's adversarial query set (T, Q, C, H, W): as crafted, or (None) crafted now against the task's
-    adapted copy, one attack call per attack family (``group_by_batch_key``) for all its tasks at once."""
-    missing = [i for i, s in enumerate(sets) if s.query is None]
+    adapted copy, one attack call per attack family (``group_by_batch_key``) for all its tasks at once (a task
+    with a runner, a persistent generator, alone)."""
+    missing = [i for i, s in enumerate(sets) if s.query is None and tasks[i].runner is None]
     queries = {i: s.query for i, s in enumerate(sets) if s.query is not None}
     with attack_precision(config, sets[0].query_clean.device):
+        for i in (i for i, s in enumerate(sets) if s.query is None and tasks[i].runner is not None):
+            queries[i] = tasks[i](_against(model, adapted, loop, [i]), sets[i].query_clean, sets[i].query_y)
         for group in group_by_batch_key([tasks[i].attack for i in missing]):
             group = [missing[j] for j in group]
-            target = task_model_fn(model, adapted, buffers, group)
+            target = _against(model, adapted, loop, group)
             crafted = run_grouped([tasks[i].attack for i in group], target, [sets[i].query_clean for i in group],
                                   [sets[i].query_y for i in group])  # fmt: skip
             queries.update(zip(group, crafted, strict=True))
     return stack_rows([queries[i] for i in range(len(sets))])
+
+
+def _against(model: nn.Module, adapted: Params, loop: InnerLoop, group: list[int]) -> ModelFn:
+    """The attack's model for the adapted copies of the tasks ``group``, at their attack buffers."""
+    per_task = {k: loop.attack_buffers[k] for k in loop.per_task}
+    buffers = {**loop.attack_buffers, **pick_tasks(per_task, group)}
+    batched = {*adapted, *loop.per_task}
+    return task_model_fn(model, pick_tasks(adapted, group), buffers, len(group), batched=batched)
 
 
 def query_loss(

@@ -7,9 +7,9 @@ at the points of a meta-step, in this order:
 
     bind           the sampled tasks                          (persistent generators)
     reused         crafting: sets to take instead of attacking (the reuse pool), and ``crafted`` after it
-    attack_target  crafting: the model a task's attack targets (FiLM type codes)
+    attack_buffers crafting: the buffers the attacks target, some per task (FiLM type codes)
     inner_loop     the inner loop's settings and buffers for the meta-step (Meta-SGD, per-step BN)
-    task_loop      the same, for one task                     (FiLM codes)
+    task_loop      the same, with entries per task            (FiLM codes)
     observe        the crafted sets, after the task losses    (per-type BN statistics)
     aggregate      the task losses -> the meta-loss           (task attention)
 
@@ -25,13 +25,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 
-from ...functional import ModelFn, Params
+from ...functional import Params
 from ...tasks import AttackDistribution, AttackTask
 from ..sets import TaskSets
 
-__all__ = ["Aggregate", "InnerLoop", "MetaOption", "OptionSetup"]
+__all__ = ["Aggregate", "InnerLoop", "MetaOption", "OptionSetup", "TaskBuffers"]
 
 
 @dataclass(frozen=True)
@@ -53,9 +54,58 @@ class InnerLoop:
     buffers: Params  # the model's own buffers
     query_buffers: Params
     attack_buffers: Params
+    per_task: frozenset[str] = frozenset()  # buffers given per task (a list of T tensors) in every dict above
 
     def replace(self, **changes: Any) -> InnerLoop:
         return replace(self, **changes)
+
+    def for_task(self, i: int) -> InnerLoop:
+        """Task ``i``'s loop: its row of every per-task buffer."""
+        if not self.per_task:
+            return self
+        steps = self.settings.get("buffers")
+        settings = dict(self.settings)
+        if steps is not None:
+            settings["buffers"] = _row(steps, self.per_task, i) if isinstance(steps, Mapping) else [
+                _row(b, self.per_task, i) for b in steps]  # fmt: skip
+        return replace(self, settings=settings, query_buffers=_row(self.query_buffers, self.per_task, i),
+                       attack_buffers=_row(self.attack_buffers, self.per_task, i), per_task=frozenset())  # fmt: skip
+
+    def stacked(self) -> InnerLoop:
+        """The loop for the task-batched step: every per-task buffer as one (T, *shape) tensor."""
+        if not self.per_task:
+            return self
+        steps = self.settings.get("buffers")
+        settings = dict(self.settings)
+        if steps is not None:
+            settings["buffers"] = _stacked(steps, self.per_task) if isinstance(steps, Mapping) else [
+                _stacked(b, self.per_task) for b in steps]  # fmt: skip
+        return replace(self, settings=settings, query_buffers=_stacked(self.query_buffers, self.per_task),
+                       attack_buffers=_stacked(self.attack_buffers, self.per_task))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TaskBuffers:
+    """Buffers with some entries given per task, a list of T tensors (``per_task``), e.g. FiLM's task codes."""
+
+    buffers: Params
+    per_task: frozenset[str]
+
+    def of(self, i: int) -> Params:
+        """Task ``i``'s buffers."""
+        return _row(self.buffers, self.per_task, i)
+
+    def stacked(self) -> Params:
+        """The buffers with every per-task entry as one (T, *shape) tensor."""
+        return _stacked(self.buffers, self.per_task)
+
+
+def _row(buffers: Mapping[str, Any], per_task: frozenset[str], i: int) -> Params:
+    return {k: v[i] if k in per_task else v for k, v in buffers.items()}
+
+
+def _stacked(buffers: Mapping[str, Any], per_task: frozenset[str]) -> Params:
+    return {k: torch.stack(list(v)) if k in per_task else v for k, v in buffers.items()}
 
 
 @dataclass(frozen=True)
@@ -135,16 +185,19 @@ class MetaOption:
     def crafted(self, tasks: Sequence[AttackTask], step: int | None, sets: Mapping[int, TaskSets]) -> None:
         """The sets crafted this meta-step, by task index."""
 
-    def attack_target(self, model: nn.Module, params: Params, buffers: Params, task: AttackTask) -> ModelFn | None:
-        """The model the task's attack targets while crafting (None: the meta-model)."""
+    def attack_buffers(
+        self, model: nn.Module, params: Params, buffers: Params, tasks: Sequence[AttackTask]
+    ) -> TaskBuffers | None:
+        """The buffers the tasks' attacks target while crafting, some per task (None: the model's)."""
         return None
 
     def inner_loop(self, loop: InnerLoop) -> InnerLoop:
         return loop
 
     def task_loop(
-        self, model: nn.Module, params: Params, task: AttackTask, sets: TaskSets, loop: InnerLoop
+        self, model: nn.Module, params: Params, tasks: Sequence[AttackTask], sets: Sequence[TaskSets], loop: InnerLoop
     ) -> InnerLoop:
+        """The meta-step's loop with entries per task (``InnerLoop.per_task``)."""
         return loop
 
     def observe(self, model: nn.Module, params: Params, tasks: Sequence[AttackTask], sets: Sequence[TaskSets]) -> None:

@@ -21,20 +21,20 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ...functional import ModelFn, Params, clone_buffers, model_fn
+from ...functional import Params, clone_buffers
 from ...tasks import AttackTask
 from ...validation import check_positive
 from ..sets import TaskSets
-from .base import InnerLoop, MetaOption, OptionSetup
+from .base import InnerLoop, MetaOption, OptionSetup, TaskBuffers
 
-__all__ = ["ENCODINGS", "FiLM", "TaskEncoding", "encoding_of", "task_code", "with_code"]
+__all__ = ["ENCODINGS", "FiLM", "TaskEncoding", "code_name", "encoding_of", "task_code", "with_code"]
 
 ENCODINGS = ("type", "support")  # where the task code comes from
 CODE = "task_code"  # the wrapper's buffer holding the code the forward pass conditions on
@@ -187,29 +187,38 @@ def task_code(
     return functional_call(film.encoder, enc, (support_adv - support_clean,)).mean(0)
 
 
-def with_code(buffers: Mapping[str, Tensor], code: Tensor) -> Params:
-    """A shallow copy of ``buffers`` (a FiLM model's) whose task code is ``code`` (dim,).
+def code_name(buffers: Mapping[str, Tensor]) -> str:
+    """The name of the task code among a FiLM model's buffers (``task_code`` or ``<prefix>.task_code``)."""
+    keys = [k for k in buffers if k == CODE or k.endswith("." + CODE)]
+    if len(keys) != 1:
+        raise ValueError(f"buffers must hold one FiLM task code ('{CODE}' or '<prefix>.{CODE}'), found {keys}")
+    return keys[0]
+
+
+def with_code(buffers: Mapping[str, Tensor], code: Tensor | Sequence[Tensor]) -> Params:
+    """A shallow copy of ``buffers`` (a FiLM model's) whose task code is ``code`` (dim,), or a list of one code per
+    task (the meta-step's per-task buffers, ``InnerLoop.per_task``).
 
     The other tensors are the same objects, so BatchNorm running statistics updated in a forward pass
     with the copy land in ``buffers``.
     """
-    keys = [k for k in buffers if k == CODE or k.endswith("." + CODE)]
-    if len(keys) != 1:
-        raise ValueError(f"buffers must hold one FiLM task code ('{CODE}' or '<prefix>.{CODE}'), found {keys}")
-    if not isinstance(code, Tensor) or code.shape != buffers[keys[0]].shape:
-        raise ValueError(f"code must be a tensor of shape {tuple(buffers[keys[0]].shape)}, got {code!r}")
-    return {**buffers, keys[0]: code}
+    key = code_name(buffers)
+    shape = buffers[key].shape
+    codes = [code] if isinstance(code, Tensor) else list(code)
+    if not codes or any(not isinstance(c, Tensor) or c.shape != shape for c in codes):
+        raise ValueError(f"code must be a tensor of shape {tuple(shape)} or a list of them, got {code!r}")
+    return {**buffers, key: code if isinstance(code, Tensor) else codes}
 
 
 class TaskEncoding(MetaOption):
-    """``MetaConfig.task_encoding`` (looped only): the model is wrapped in ``FiLM`` (inside ``MetaDropout`` when
+    """``MetaConfig.task_encoding``: the model is wrapped in ``FiLM`` (inside ``MetaDropout`` when
     both are on), and each task's inner loop and query loss run at its task code: ``"type"``, its type's
     embedding (its attacks target the model at that code too); ``"support"``, inferred from its support set's
     perturbations (attacks target the unknown code 0). The code keeps its graph to the embedding or encoder in
     the inner loop and the query pass; an attack against the adapted copy sees it detached. Other options'
     forward passes (task attention's statistics, per-type BN updates) run at the model's own (zero) code."""
 
-    field, name, batched = "task_encoding", "task_encoding", False
+    field, name = "task_encoding", "task_encoding"
 
     def __init__(self, encoding: str) -> None:
         self.encoding = encoding
@@ -226,26 +235,28 @@ class TaskEncoding(MetaOption):
     def build(cls, config: Any, setup: OptionSetup) -> TaskEncoding:
         return cls(config.task_encoding)
 
-    def attack_target(self, model: nn.Module, params: Params, buffers: Params, task: AttackTask) -> ModelFn | None:
+    def attack_buffers(
+        self, model: nn.Module, params: Params, buffers: Params, tasks: Sequence[AttackTask]
+    ) -> TaskBuffers | None:
         if self.encoding != "type":
             return None
-        return model_fn(
-            model, params, with_code(buffers, task_code(model, params, type_index=task.type_index).detach())
-        )
+        codes = [task_code(model, params, type_index=t.type_index).detach() for t in tasks]
+        return TaskBuffers(with_code(buffers, codes), frozenset({code_name(buffers)}))
 
     def task_loop(
-        self, model: nn.Module, params: Params, task: AttackTask, sets: TaskSets, loop: InnerLoop
+        self, model: nn.Module, params: Params, tasks: Sequence[AttackTask], sets: Sequence[TaskSets], loop: InnerLoop
     ) -> InnerLoop:
         if self.encoding == "type":
-            code = task_code(model, params, type_index=task.type_index)
+            codes = [task_code(model, params, type_index=t.type_index) for t in tasks]
         else:
-            code = task_code(model, params, support_adv=sets.support, support_clean=sets.support_clean)
+            codes = [task_code(model, params, support_adv=s.support, support_clean=s.support_clean) for s in sets]
         steps = loop.settings.get("buffers")  # per-step statistics, or scratch copies of the model's
         coded = (
-            [with_code(b, code) for b in steps] if steps is not None else with_code(clone_buffers(loop.buffers), code)
+            [with_code(b, codes) for b in steps] if steps is not None else with_code(clone_buffers(loop.buffers), codes)
         )
         return loop.replace(
             settings={**loop.settings, "buffers": coded},
-            query_buffers=with_code(loop.query_buffers, code),
-            attack_buffers=with_code(loop.attack_buffers, code.detach()),
+            query_buffers=with_code(loop.query_buffers, codes),
+            attack_buffers=with_code(loop.attack_buffers, [c.detach() for c in codes]),
+            per_task=loop.per_task | {code_name(loop.buffers)},
         )

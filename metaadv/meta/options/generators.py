@@ -48,9 +48,8 @@ class PersistentGenerators(MetaOption):
 
     @classmethod
     def refusal(cls, config: Any, world: int) -> str | None:
-        if world > 1 or (config.batched and config.query_attack == "adapted"):
-            return ("MetaConfig.persistent_generator=True is not built under torchrun, nor with batched=True and "
-                    "query_attack='adapted'; use one process and the looped meta-step")  # fmt: skip
+        if world > 1:
+            return "MetaConfig.persistent_generator=True is not built under torchrun; use one process"
         return None
 
     @classmethod

@@ -86,10 +86,10 @@ class MetaDropout(nn.Module):
 
 
 class MetaDropoutOption(MetaOption):
-    """``MetaConfig.meta_dropout`` (looped only): the model is wrapped in ``MetaDropout`` (the outermost wrapper);
+    """``MetaConfig.meta_dropout``: the model is wrapped in ``MetaDropout`` (the outermost wrapper);
     its keep logits are parameters of the model, so nothing else changes in the meta-step."""
 
-    field, name, batched = "meta_dropout", "meta_dropout", False
+    field, name = "meta_dropout", "meta_dropout"
 
     @classmethod
     def enabled(cls, config: Any) -> bool:

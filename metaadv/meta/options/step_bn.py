@@ -48,7 +48,7 @@ class StepBatchNorm(MetaOption):
         check_int(steps, "steps", minimum=0, meaning="the inner steps K")
         self.stats: list[Params] = [clone_buffers(buffers) for _ in range(steps)]  # sets 1..K: all model buffers
 
-    field, name, artifact_name, batched, distributed, volatile = "per_step_bn", "step_bn", "step_bn", False, False, True
+    field, name, artifact_name, distributed, volatile = "per_step_bn", "step_bn", "step_bn", False, True
 
     @classmethod
     def enabled(cls, config: Any) -> bool:
