@@ -356,7 +356,9 @@ def _train(variant: str, w: Workload, steps: int, data: tuple[torch.Tensor, torc
         ma.train("pgd_at", model, data, [w.attack], loop=loop, progress=False)
         return
     meta = {"tasks_per_batch": w.tasks, "support_size": w.shots, "query_size": w.shots, "sample_replace": True}
-    ma.train("meta", model, data, [w.attack], loop=loop, progress=False, batched=variant == "meta_batched", **meta)
+    # the batched step as a GPU runs it (vmapped; on CPU its default runs the T forward passes one by one)
+    batched = {"batched": True, "vmap_tasks": True} if variant == "meta_batched" else {"batched": False}
+    ma.train("meta", model, data, [w.attack], loop=loop, progress=False, **batched, **meta)
 
 
 def step_counts(variant: str, w: Workload) -> Counts:

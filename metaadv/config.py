@@ -94,6 +94,7 @@ class MetaConfig:
     max_bad_steps: int = 5  # stop after this many consecutive meta-steps with a non-finite loss/gradient (each skipped)
     deterministic: bool = False  # GPU: deterministic cuDNN/cuBLAS kernels (slower); CPU runs repeat exactly anyway
     batched: bool = True  # task-batched meta-step (every device); False: the looped reference, one task at a time
+    vmap_tasks: bool | None = None  # batched step's T forward passes: vmapped, looped, None: vmapped on CUDA only
     # Inner-loop options (docs/meta_options.md); the defaults are plain MAML.
     inner_params: str = "all"  # adapted in the inner loop: "all" or "head" (ANIL: the last layer with parameters)
     proximal: float = 0.0  # lambda >= 0: the inner loss is L_support(theta') + lambda * ||theta' - theta||^2
@@ -133,6 +134,7 @@ class MetaConfig:
         for name in ("first_order", "sample_replace", "deterministic", "batched", "learn_inner_lr", "autocast_attacks",
                      "task_attention", "task_bn", "per_step_bn", "persistent_generator"):  # fmt: skip
             self._require(name, isinstance(getattr(self, name), bool), "True or False")
+        self._require("vmap_tasks", self.vmap_tasks is None or isinstance(self.vmap_tasks, bool), "True, False or None")
         self._require("compile_attacks", self.compile_attacks in ("off", "compile", "cudagraphs"),
                       "'off', 'compile' or 'cudagraphs'")  # fmt: skip
         self._require("task_encoding", self.task_encoding in TASK_ENCODINGS, f"one of {TASK_ENCODINGS}")

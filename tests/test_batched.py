@@ -55,8 +55,9 @@ def fixed_sets(query: bool = True) -> list[TaskSets]:
 
 
 def config(batched: bool, **options) -> ma.MetaConfig:
-    return ma.MetaConfig(**{"tasks_per_batch": N_TASKS, "support_size": SHOTS, "query_size": SHOTS, **options},
-                         batched=batched)  # fmt: skip
+    """Batched steps run vmapped (the GPU path, where vmap's pitfalls live) unless ``vmap_tasks`` says."""
+    return ma.MetaConfig(**{"tasks_per_batch": N_TASKS, "support_size": SHOTS, "query_size": SHOTS,
+                            "vmap_tasks": True, **options}, batched=batched)  # fmt: skip
 
 
 def loss_stage(model, batched: bool, sets, tasks=None, **options):
@@ -77,9 +78,12 @@ def assert_all_close(actual, expected) -> None:
 @pytest.mark.parametrize("first_order", [False, True])
 @pytest.mark.parametrize("inner_steps", [1, 2])
 @pytest.mark.parametrize("clean_weight", [0.0, 0.5])
-def test_batched_meta_gradient_equals_looped_on_a_batchnorm_model(first_order, inner_steps, clean_weight):
+@pytest.mark.parametrize("vmap_tasks", [True, False])
+def test_batched_meta_gradient_equals_looped_on_a_batchnorm_model(first_order, inner_steps, clean_weight, vmap_tasks):
+    """Vmapped (the GPU default) or task after task (the CPU default), the batched loss stage is the looped one."""
     model, sets = tiny_cnn(), fixed_sets()
-    options = {"first_order": first_order, "inner_steps": inner_steps, "inner_lr": 0.1, "clean_weight": clean_weight}
+    options = {"first_order": first_order, "inner_steps": inner_steps, "inner_lr": 0.1, "clean_weight": clean_weight,
+               "vmap_tasks": vmap_tasks}  # fmt: skip
     looped = loss_stage(model, False, sets, **options)
     batched = loss_stage(model, True, sets, **options)
     assert_all_close(batched[0], looped[0])
@@ -96,17 +100,19 @@ def test_adapt_tasks_equals_adapt_per_task(steps):
         assert_all_close([v[t] for v in batched.values()], list(looped.values()))
 
 
-def test_batched_query_attack_against_the_adapted_copies_equals_looped():
+@pytest.mark.parametrize("vmap_tasks", [True, False])
+def test_batched_query_attack_against_the_adapted_copies_equals_looped(vmap_tasks):
     model, sets = tiny_cnn(), fixed_sets(query=False)
     tasks = tasks_of("fgsm(eps=0.1)", "pgd_linf(eps=0.2, steps=2, random_start=False)", "fgsm(eps=0.3)")
     looped = loss_stage(model, False, sets, tasks, query_attack="adapted", inner_lr=0.1)
-    batched = loss_stage(model, True, sets, tasks, query_attack="adapted", inner_lr=0.1)
+    batched = loss_stage(model, True, sets, tasks, query_attack="adapted", inner_lr=0.1, vmap_tasks=vmap_tasks)
     assert_all_close(batched[0], looped[0])
     assert_all_close(batched[1], looped[1])
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
-def test_batchnorm_running_statistics_after_batched_meta_steps_equal_looped(momentum):
+@pytest.mark.parametrize("vmap_tasks", [True, False])
+def test_batchnorm_running_statistics_after_batched_meta_steps_equal_looped(momentum, vmap_tasks):
     """Two meta-steps of 3 tasks: each query forward pass moves the statistics once per task, in task order
     (with momentum None, BatchNorm's cumulative average, the count so far matters)."""
     model = tiny_cnn()
@@ -120,14 +126,15 @@ def test_batchnorm_running_statistics_after_batched_meta_steps_equal_looped(mome
         copy_ = copy.deepcopy(model)
         params, buffers = state(copy_)
         for _ in range(2):
-            meta_batch_loss(copy_, params, buffers, tasks, x, y, config(batched))
+            meta_batch_loss(copy_, params, buffers, tasks, x, y, config(batched, vmap_tasks=vmap_tasks))
         after[batched] = buffers
     assert int(after[True]["features.1.num_batches_tracked"]) == 2 * N_TASKS
     assert_all_close(list(after[True].values()), list(after[False].values()))
 
 
 @pytest.mark.parametrize("training", [False, True])
-def test_batched_crafting_equals_per_task_crafting_without_random_starts(training):
+@pytest.mark.parametrize("vmap_tasks", [True, False])
+def test_batched_crafting_equals_per_task_crafting_without_random_starts(training, vmap_tasks):
     """Without random starts the attacks are deterministic, and each task's examples are normalized with their
     own BatchNorm statistics in training mode (as in a call per task): one call per attack family then equals
     one call per task."""
@@ -143,7 +150,8 @@ def test_batched_crafting_equals_per_task_crafting_without_random_starts(trainin
     )
     for query_attack in ("meta", "adapted"):
         looped = craft_task_sets(model, params, buffers, tasks, x, y, config(False, query_attack=query_attack))
-        batched = craft_task_sets(model, params, buffers, tasks, x, y, config(True, query_attack=query_attack))
+        batched = craft_task_sets(model, params, buffers, tasks, x, y,
+                                  config(True, query_attack=query_attack, vmap_tasks=vmap_tasks))  # fmt: skip
         for a, b in zip(batched, looped, strict=True):
             torch.testing.assert_close(a.support, b.support, rtol=1e-10, atol=1e-12)
             assert (a.query is None) == (b.query is None) == (query_attack == "adapted")
@@ -204,9 +212,12 @@ def test_a_model_without_batchnorm_runs_batched():
     assert_all_close(batched[0], looped[0])
 
 
-def test_batched_must_be_a_bool():
+def test_batched_must_be_a_bool_and_vmap_tasks_a_bool_or_none():
     with pytest.raises(ValueError, match=r"MetaConfig\.batched"):
         ma.MetaConfig(batched="yes")
+    with pytest.raises(ValueError, match=r"MetaConfig\.vmap_tasks"):
+        ma.MetaConfig(vmap_tasks="auto")
+    assert ma.MetaConfig().batched and ma.MetaConfig().vmap_tasks is None  # the defaults: batched, vmap on CUDA
 
 
 def test_meta_train_batched_end_to_end(mnist5k):
@@ -234,7 +245,8 @@ def test_batched_meta_step_reads_nothing_back_from_the_gpu():
         torch.cuda.set_sync_debug_mode(0)
 
 
-def test_batched_per_step_batchnorm_equals_looped():
+@pytest.mark.parametrize("vmap_tasks", [True, False])
+def test_batched_per_step_batchnorm_equals_looped(vmap_tasks):
     """Per-step statistics (MAML++): each inner step's support pass moves its set once per task, in task order,
     and the query pass the last set, in both modes; the meta-gradient is the same."""
     model, sets, after = tiny_cnn(), fixed_sets(), {}
@@ -242,7 +254,7 @@ def test_batched_per_step_batchnorm_equals_looped():
         copy_ = copy.deepcopy(model)
         params, buffers = state(copy_)
         step_bn = StepBatchNorm(copy_, buffers, 2)
-        cfg = config(batched, per_step_bn=True, inner_steps=2, inner_lr=0.1)
+        cfg = config(batched, per_step_bn=True, inner_steps=2, inner_lr=0.1, vmap_tasks=vmap_tasks)
         loss, _, _ = task_losses(copy_, params, buffers, tasks_of(*["fgsm(eps=0.1)"] * N_TASKS), sets, cfg,
                                  options=[step_bn])  # fmt: skip
         grads = torch.autograd.grad(loss.mean(), list(params.values()))
@@ -269,21 +281,31 @@ def test_batched_meta_dropout_draws_each_task_its_own_masks_and_trains_the_keep_
 
 @pytest.mark.parametrize("encoding", ["type", "support"])
 @pytest.mark.parametrize("query_attack", ["meta", "adapted"])
-def test_batched_task_encoding_equals_looped(encoding, query_attack):
-    """FiLM task codes, one per task (the type's embedding, or the support set's encoding), in the attacks, the
-    inner loop and the query pass: the sets, the meta-gradient (embedding or encoder included) and the
-    statistics agree."""
+@pytest.mark.parametrize("vmap_tasks", [True, False])
+def test_batched_task_encoding_equals_looped(encoding, query_attack, vmap_tasks):
+    """FiLM task codes, one per task (the type's embedding, or the support set's encoding), in the inner loop,
+    the query pass and the attacks against the adapted copies: on the same crafted sets, the meta-gradient
+    (embedding or encoder included), the query statistics and the running statistics agree. With type codes the
+    attacks against the meta-parameters target each task's code, so batched crafting equals looped crafting
+    too (each task's examples then get their own BatchNorm statistics)."""
     torch.manual_seed(0)
     model = FiLM(SmallCNN(image_size=8, hidden=16), n_types=3, dim=4, encoding=encoding).double().train()
     x, y = clean_batch()
     tasks = tasks_of("fgsm(eps=0.1)", "pgd_linf(eps=0.2, steps=2, random_start=False)", "fgsm(eps=0.3)")
-    found = {}
+    found, crafted = {}, {}
     for batched in (False, True):
         copy_ = copy.deepcopy(model)
         params, buffers = state(copy_)
-        cfg = config(batched, task_encoding=encoding, encoding_dim=4, inner_lr=0.1, query_attack=query_attack)
-        out = meta_batch_loss(copy_, params, buffers, tasks, x, y, cfg, options=[TaskEncoding(encoding)])
-        grads = torch.autograd.grad(out.loss, list(params.values()))
-        found[batched] = (grads, (out.query_loss, out.query_acc), list(buffers.values()))
+        cfg = config(batched, task_encoding=encoding, encoding_dim=4, inner_lr=0.1, query_attack=query_attack,
+                     vmap_tasks=vmap_tasks)  # fmt: skip
+        options = [TaskEncoding(encoding)]
+        crafted[batched] = craft_task_sets(copy_, params, buffers, tasks, x, y, cfg, options=options)
+        loss, query_loss, query_acc = task_losses(copy_, params, buffers, tasks, crafted[False], cfg, options=options)
+        grads = torch.autograd.grad(loss.mean(), list(params.values()))
+        found[batched] = (grads, (query_loss, query_acc), list(buffers.values()))
     for a, b in zip(found[True], found[False], strict=True):
         assert_all_close(a, b)
+    if encoding == "type":
+        for a, b in zip(crafted[True], crafted[False], strict=True):
+            assert_all_close([a.support] + ([a.query] if a.query is not None else []),
+                             [b.support] + ([b.query] if b.query is not None else []))  # fmt: skip

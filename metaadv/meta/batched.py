@@ -22,7 +22,15 @@ from ..batchnorm import BatchStatistics, BatchStats
 from ..functional import Params, detach
 from ..types import ModelFn
 
-__all__ = ["pick_tasks", "read_only", "task_cross_entropy", "task_forward", "task_losses_of", "task_model_fn"]
+__all__ = [
+    "pick_tasks",
+    "read_only",
+    "task_cross_entropy",
+    "task_forward",
+    "task_losses_of",
+    "task_model_fn",
+    "vectorized",
+]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -36,6 +44,7 @@ def task_forward(
     batched: Collection[str] | None = None,
     record: bool = False,
     second_order: bool = False,
+    vectorize: bool = True,
 ) -> tuple[Tensor, BatchStats]:
     """Logits (T, B, K) of T copies of ``model`` on their own images ``x`` (T, B, C, H, W).
 
@@ -46,6 +55,10 @@ def task_forward(
     (``update_running_stats`` applies them). ``second_order``: the pass's backward will itself be
     differentiated (an inner step's ``create_graph``); BatchNorm then takes the backward that is cheap to
     differentiate (``batchnorm.BatchStatistics``). Each task draws its own random numbers (meta-dropout).
+
+    ``vectorize``: one vmapped pass (GPU: the T copies' kernels launch once), or the T forward passes one after
+    the other, stacked (CPU, where vmap's grouped convolutions and layout copies cost more than they save).
+    The same values either way; gradients are taken outside both.
     """
     names = set(params) if batched is None else set(batched)
     tensors = {**params, **read_only(buffers)}
@@ -53,10 +66,29 @@ def task_forward(
     shared = {k: v for k, v in tensors.items() if k not in names}
 
     def one(mine: Params, xb: Tensor) -> tuple[Tensor, BatchStats]:
-        with BatchStatistics(buffers if record else None, second_order=second_order) as bn:
+        # the backward written in primitives is needed under vmap only (native BatchNorm's vmapped backward)
+        with BatchStatistics(buffers if record else None, second_order=second_order and vectorize) as bn:
             return functional_call(model, {**shared, **mine}, (xb,)), bn.batch_stats
 
-    return vmap(one, randomness="different")(per_task, x)
+    if vectorize:
+        return vmap(one, randomness="different")(per_task, x)
+    rows = {k: v.unbind(0) for k, v in per_task.items()}  # one backward node per tensor (a select's fills (T, ...))
+    outs = [one({k: r[t] for k, r in rows.items()}, xt) for t, xt in enumerate(x.unbind(0))]
+    return torch.stack([logits for logits, _ in outs]), _stacked_stats([stats for _, stats in outs])
+
+
+def _stacked_stats(per_task: list[BatchStats]) -> BatchStats:
+    """The tasks' batch statistics as a vmapped pass returns them: per module and call, (T, C) tensors."""
+    out: BatchStats = {}
+    for prefix in per_task[0]:
+        calls = zip(*(stats[prefix] for stats in per_task), strict=True)  # per call: each task's (mean, var)
+        out[prefix] = [(torch.stack([m for m, _ in c]), torch.stack([v for _, v in c])) for c in calls]
+    return out
+
+
+def vectorized(vmap_tasks: bool | None, device: torch.device) -> bool:
+    """``MetaConfig.vmap_tasks`` on ``device``: None vectorizes the task-batched passes on CUDA only."""
+    return device.type == "cuda" if vmap_tasks is None else vmap_tasks
 
 
 def task_cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
@@ -77,6 +109,7 @@ def task_model_fn(
     n_tasks: int,
     *,
     batched: Collection[str] = (),
+    vectorize: bool = True,
 ) -> ModelFn:
     """An attack's model for ``n_tasks`` tasks at once: images (n_tasks * B, C, H, W), task by task -> logits.
 
@@ -88,7 +121,8 @@ def task_model_fn(
     fixed = detach(params)
 
     def fn(x: Tensor) -> Tensor:
-        logits, _ = task_forward(model, fixed, buffers, x.view(n_tasks, -1, *x.shape[1:]), batched=batched)
+        logits, _ = task_forward(model, fixed, buffers, x.view(n_tasks, -1, *x.shape[1:]), batched=batched,
+                                 vectorize=vectorize)  # fmt: skip
         return logits.flatten(0, 1)
 
     return fn

@@ -15,7 +15,7 @@ from ..config import MetaConfig
 from ..functional import Params, model_fn
 from ..tasks import AttackTask, split_support_query
 from ..views import cat_rows
-from .batched import pick_tasks, task_model_fn
+from .batched import pick_tasks, task_model_fn, vectorized
 from .options.base import MetaOption, TaskBuffers
 from .sets import TaskSets
 
@@ -74,7 +74,8 @@ def craft_task_sets(
     target = _attack_buffers(options, model, params, buffers, tasks)
     with attack_precision(config, x.device):
         if config.batched:
-            adv = _batched_attacks(model, params, target, tasks, todo, inputs, labels)
+            vectorize = vectorized(config.vmap_tasks, x.device)
+            adv = _batched_attacks(model, params, target, tasks, todo, inputs, labels, vectorize)
         else:
             meta = model_fn(model, params, buffers) if not target.per_task else None
             adv = {i: tasks[i](meta or model_fn(model, params, target.of(i)), inputs[i], labels[i], check=False)
@@ -107,9 +108,11 @@ def _batched_attacks(
     todo: list[int],
     inputs: dict[int, Tensor],
     labels: dict[int, Tensor],
+    vectorize: bool,
 ) -> dict[int, Tensor]:
-    """One attack call per attack family, against the meta-parameters, each task's examples normalized by a
-    training-mode BatchNorm with their own statistics as in the looped step (``task_model_fn``)."""
+    """One attack call per attack family, against the meta-parameters (at each task's own buffers where an option
+    gives some per task), each task's examples normalized by a training-mode BatchNorm with their own statistics
+    as in the looped step (``task_model_fn``)."""
     grouped = [i for i in todo if tasks[i].runner is None]
     adv = {i: tasks[i](model_fn(model, params, target.of(i)), inputs[i], labels[i])
            for i in todo if tasks[i].runner is not None}  # fmt: skip
@@ -118,7 +121,7 @@ def _batched_attacks(
     for group in group_by_batch_key([tasks[i].attack for i in grouped]):
         group = [grouped[j] for j in group]
         buffers = {**stacked, **pick_tasks(per_task, group)}
-        fn = task_model_fn(model, params, buffers, len(group), batched=target.per_task)
+        fn = task_model_fn(model, params, buffers, len(group), batched=target.per_task, vectorize=vectorize)
         crafted = run_grouped([tasks[i].attack for i in group], fn, [inputs[i] for i in group],
                               [labels[i] for i in group])  # fmt: skip
         adv.update(zip(group, crafted, strict=True))

@@ -10,6 +10,7 @@ adapted copy towards the start (soft parameter sharing), and per-parameter step 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -128,6 +129,7 @@ def adapt_tasks(
     inner_params: str = "all",
     proximal: float = 0.0,
     batched_buffers: Collection[str] = (),
+    vectorize: bool = True,
 ) -> Params:
     """``adapt`` for T tasks at once: support images ``x`` (T, S, C, H, W), labels ``y`` (T, S).
 
@@ -139,35 +141,86 @@ def adapt_tasks(
     step): given ones are updated in place when the model is in training mode, as the tasks' looped passes
     would update them one task after the other (``update_running_stats``); by default the model's own are
     read and left unchanged. ``batched_buffers``: the buffers given per task, (T, *shape) (FiLM task codes).
+    ``vectorize``: the forward passes vmapped or one task after the other (``batched.task_forward``).
     """
     theta, fast, own_buffers = _start(model, params, steps, lr, inner_params, proximal)
+    if not vectorize:
+        return _adapt_each(
+            model,
+            x,
+            y,
+            params=theta,
+            buffers=buffers,
+            steps=steps,
+            lr=lr,
+            first_order=first_order,
+            loss_fn=loss_fn,
+            inner_params=inner_params,
+            proximal=proximal,
+            batched=batched_buffers,
+        )
     per_step = iter(_step_buffers(own_buffers if buffers is None else buffers, steps))
     update = buffers is not None and model.training
-    n, names = len(x), list(fast)
-    leaves = [v if v.requires_grad else v.detach().requires_grad_() for v in fast.values()]
-    # The adapted parameters as one (T, P) tensor, so that each update is one kernel whatever their number;
-    # the model reads views of it. Meta-SGD's step sizes are flattened alike.
-    start = {"flat": torch.cat([v.reshape(-1) for v in leaves]).expand(n, -1)}
-    flat_lr = {"flat": torch.cat([lr[k].reshape(-1) for k in names])} if isinstance(lr, Mapping) else lr
-
-    def unflatten(flat: Tensor) -> Params:
-        views = flat.split([v.numel() for v in leaves], dim=1)
-        return {k: w.view(n, *v.shape) for k, w, v in zip(names, views, leaves, strict=True)}
+    n = len(x)
+    leaves = {k: v if v.requires_grad else v.detach().requires_grad_() for k, v in fast.items()}
+    # Vectorized (GPU): the adapted parameters as one (T, P) tensor, so that each update is one kernel whatever
+    # their number; the model reads views of it, and Meta-SGD's step sizes are flattened alike. Else one
+    # (T, *shape) tensor per name (on CPU the flat copies cost more than the kernels they save).
+    flat = _Flat(leaves, n) if vectorize else None
+    start = flat.start() if flat else {k: v.expand(n, *v.shape) for k, v in leaves.items()}
+    step_lr = flat.lr(lr) if flat and isinstance(lr, Mapping) else lr
 
     def gradient(fast: Params) -> Params:
-        views, step_buffers = unflatten(fast["flat"]), next(per_step)
+        views, step_buffers = flat.views(fast) if flat else fast, next(per_step)
         names = {*views, *batched_buffers}
         logits, stats = task_forward(model, {**theta, **views}, step_buffers, x, batched=names, record=update,
-                                     second_order=not first_order)  # fmt: skip
+                                     second_order=not first_order, vectorize=vectorize)  # fmt: skip
         if update:
             update_running_stats(model, step_buffers, stats)
         loss = task_losses_of(loss_fn, logits, y).sum()  # the tasks' losses are independent
-        grads = torch.autograd.grad(loss, list(views.values()), create_graph=not first_order)
-        return {"flat": torch.cat([g.reshape(n, -1) for g in grads], 1)}
+        grads = dict(zip(views, torch.autograd.grad(loss, list(views.values()), create_graph=not first_order),
+                         strict=True))  # fmt: skip
+        return flat.join(grads) if flat else grads
 
     with torch.enable_grad():
-        adapted = unflatten(_sgd_steps(start, gradient, steps, flat_lr, proximal)["flat"])
+        adapted = _sgd_steps(start, gradient, steps, step_lr, proximal)
+    adapted = flat.views(adapted) if flat else adapted
     return {k: adapted[k] if k in adapted else v.expand(n, *v.shape) for k, v in theta.items()}
+
+
+def _adapt_each(model: nn.Module, x: Tensor, y: Tensor, *, params: Params, buffers: Any, batched: Collection[str],
+                **settings: Any) -> Params:  # fmt: skip
+    """``adapt_tasks`` one task after the other: ``adapt`` on each task's rows, stacked (CPU: a task's gradients
+    accumulate into the meta-parameters directly, with no (T, *shape) gradient to assemble)."""
+    out = []
+    for t in range(len(x)):
+
+        def row(b: Mapping[str, Tensor], t: int = t) -> Params:
+            return {k: v[t] if k in batched else v for k, v in b.items()}
+
+        mine = None if buffers is None else row(buffers) if isinstance(buffers, Mapping) else [row(b) for b in buffers]
+        out.append(adapt(model, x[t], y[t], params=params, buffers=mine, **settings))
+    return {k: torch.stack([o[k] for o in out]) for k in params}
+
+
+class _Flat:
+    """The T copies' adapted parameters as one ``{"flat": (T, P)}`` dict, and the views the model reads."""
+
+    def __init__(self, leaves: Params, n: int) -> None:
+        self.leaves, self.n = leaves, n
+
+    def start(self) -> Params:
+        return {"flat": torch.cat([v.reshape(-1) for v in self.leaves.values()]).expand(self.n, -1)}
+
+    def lr(self, lr: Mapping[str, Tensor]) -> Params:
+        return {"flat": torch.cat([lr[k].reshape(-1) for k in self.leaves])}
+
+    def views(self, fast: Params) -> Params:
+        parts = fast["flat"].split([v.numel() for v in self.leaves.values()], dim=1)
+        return {k: w.view(self.n, *v.shape) for (k, v), w in zip(self.leaves.items(), parts, strict=True)}
+
+    def join(self, grads: Params) -> Params:
+        return {"flat": torch.cat([grads[k].reshape(self.n, -1) for k in self.leaves], 1)}
 
 
 def _start(

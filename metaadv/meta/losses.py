@@ -16,7 +16,7 @@ from ..functional import Params, call, model_fn
 from ..tasks import AttackTask
 from ..types import ModelFn
 from ..views import stack_rows
-from .batched import pick_tasks, task_cross_entropy, task_forward, task_model_fn
+from .batched import pick_tasks, task_cross_entropy, task_forward, task_model_fn, vectorized
 from .craft import attack_precision
 from .inner import adapt, adapt_tasks
 from .options import check_given
@@ -90,12 +90,14 @@ def _batched_losses(
     loop = loop.stacked()  # per-task buffers as (T, *shape) tensors
     support = stack_rows([s.support for s in sets])  # (T, S, C, H, W)
     support_y = stack_rows([s.support_y for s in sets])  # (T, S)
-    adapted = adapt_tasks(model, support, support_y, params=params, batched_buffers=loop.per_task, **loop.settings)
+    vectorize = vectorized(config.vmap_tasks, support.device)
+    adapted = adapt_tasks(model, support, support_y, params=params, batched_buffers=loop.per_task,
+                          vectorize=vectorize, **loop.settings)  # fmt: skip
     query_clean, query_y = stack_rows([s.query_clean for s in sets]), stack_rows([s.query_y for s in sets])
-    query = _adapted_queries(model, adapted, loop, tasks, sets, config)  # (T, Q, C, H, W)
+    query = _adapted_queries(model, adapted, loop, tasks, sets, config, vectorize)  # (T, Q, C, H, W)
     x = torch.cat([query, query_clean], 1) if config.clean_weight > 0 else query
     logits, batch_stats = task_forward(model, adapted, loop.query_buffers, x, batched={*adapted, *loop.per_task},
-                                       record=True)  # (T, Q or 2Q, K)  # fmt: skip
+                                       record=True, vectorize=vectorize)  # (T, Q or 2Q, K)  # fmt: skip
     update_running_stats(model, loop.query_buffers, batch_stats)
     adv_logits = logits[:, : query_y.shape[1]]
     adv_loss = loss = task_cross_entropy(adv_logits, query_y)  # (T,)
@@ -108,7 +110,7 @@ def _batched_losses(
 
 def _adapted_queries(
     model: nn.Module, adapted: Params, loop: InnerLoop, tasks: Sequence[AttackTask], sets: Sequence[TaskSets],
-    config: MetaConfig,
+    config: MetaConfig, vectorize: bool,
 ) -> Tensor:  # fmt: skip
     """Each task's adversarial query set (T, Q, C, H, W): as crafted, or (None) crafted now against the task's
     adapted copy, one attack call per attack family (``group_by_batch_key``) for all its tasks at once (a task
@@ -117,22 +119,22 @@ def _adapted_queries(
     queries = {i: s.query for i, s in enumerate(sets) if s.query is not None}
     with attack_precision(config, sets[0].query_clean.device):
         for i in (i for i, s in enumerate(sets) if s.query is None and tasks[i].runner is not None):
-            queries[i] = tasks[i](_against(model, adapted, loop, [i]), sets[i].query_clean, sets[i].query_y)
+            queries[i] = tasks[i](_against(model, adapted, loop, [i], vectorize), sets[i].query_clean, sets[i].query_y)
         for group in group_by_batch_key([tasks[i].attack for i in missing]):
             group = [missing[j] for j in group]
-            target = _against(model, adapted, loop, group)
+            target = _against(model, adapted, loop, group, vectorize)
             crafted = run_grouped([tasks[i].attack for i in group], target, [sets[i].query_clean for i in group],
                                   [sets[i].query_y for i in group])  # fmt: skip
             queries.update(zip(group, crafted, strict=True))
     return stack_rows([queries[i] for i in range(len(sets))])
 
 
-def _against(model: nn.Module, adapted: Params, loop: InnerLoop, group: list[int]) -> ModelFn:
+def _against(model: nn.Module, adapted: Params, loop: InnerLoop, group: list[int], vectorize: bool) -> ModelFn:
     """The attack's model for the adapted copies of the tasks ``group``, at their attack buffers."""
     per_task = {k: loop.attack_buffers[k] for k in loop.per_task}
     buffers = {**loop.attack_buffers, **pick_tasks(per_task, group)}
     batched = {*adapted, *loop.per_task}
-    return task_model_fn(model, pick_tasks(adapted, group), buffers, len(group), batched=batched)
+    return task_model_fn(model, pick_tasks(adapted, group), buffers, len(group), batched=batched, vectorize=vectorize)
 
 
 def query_loss(
