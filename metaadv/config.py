@@ -105,6 +105,7 @@ class MetaConfig:
     attention_entropy: float = 1.0  # tau > 0: the attention's entropy bonus; optimum softmax(L / tau)
     attention_lr: float = 0.01  # learning rate of the attention network (its own group of the meta-optimizer)
     task_bn: bool = False  # also keep BatchNorm running statistics per attack type (for evaluate's "task_bn")
+    log_adaptation_gap: bool = False  # log each task's query accuracy at theta and its adapted-minus-theta gap
     # Model conditioning and regularization options (docs/meta_options.md).
     task_encoding: str = "none"  # FiLM task code: "none", "type" (learned per type), "support" (inferred)
     encoding_dim: int = 8  # size of the task code fed to FiLM
@@ -132,7 +133,8 @@ class MetaConfig:
                       "an integer >= 0")  # fmt: skip
         self._require("inner_params", self.inner_params in INNER_PARAMS, f"one of {INNER_PARAMS}")
         for name in ("first_order", "sample_replace", "deterministic", "batched", "learn_inner_lr", "autocast_attacks",
-                     "task_attention", "task_bn", "per_step_bn", "persistent_generator"):  # fmt: skip
+                     "task_attention", "task_bn", "per_step_bn", "persistent_generator",
+                     "log_adaptation_gap"):  # fmt: skip
             self._require(name, isinstance(getattr(self, name), bool), "True or False")
         self._require("vmap_tasks", self.vmap_tasks is None or isinstance(self.vmap_tasks, bool), "True, False or None")
         self._require("compile_attacks", self.compile_attacks in ("off", "compile", "cudagraphs"),

@@ -90,6 +90,7 @@ def meta_batch_loss(
         if found is not None:
             loss, objective = weighted_meta_loss(found.weights, losses), found.objective
             logged |= found.logged
+        logged |= option.logged(model, params, buffers, tasks, sets, query_acc)
         record |= option.record()
     return MetaBatchLoss(
         loss=loss,

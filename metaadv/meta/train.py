@@ -33,7 +33,16 @@ __all__ = ["FIRST_FIELDS", "RESUMABLE_CHANGES", "meta_train"]
 log = logging.getLogger(__name__)
 
 # MetaConfig fields a resumed run may change: they do not alter the steps already taken.
-RESUMABLE_CHANGES = ("steps", "epochs", "log_every", "device", "max_bad_steps", "batched")
+RESUMABLE_CHANGES = (
+    "steps",
+    "epochs",
+    "log_every",
+    "device",
+    "max_bad_steps",
+    "batched",
+    "vmap_tasks",
+    "log_adaptation_gap",
+)
 # The MetaConfig fields of the first checkpoints, always recorded in a run's identity; every later field is
 # recorded only when not at its default, so checkpoints written before it existed still resume.
 FIRST_FIELDS = ("tasks_per_batch", "support_size", "query_size", "sample_replace", "inner_steps", "inner_lr",

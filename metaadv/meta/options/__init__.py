@@ -12,6 +12,7 @@ from torch import nn
 from .attention import AttentionOption
 from .base import Aggregate, InnerLoop, MetaOption, OptionSetup
 from .film import TaskEncoding
+from .gap import AdaptationGap
 from .generators import PersistentGenerators
 from .meta_dropout import MetaDropoutOption
 from .meta_sgd import MetaSGD
@@ -44,6 +45,7 @@ OPTIONS: tuple[type[MetaOption], ...] = (
     TaskBatchNorm,
     AdversarialPool,
     PersistentGenerators,
+    AdaptationGap,
 )
 
 # artifact name -> the option class that saves, loads and adapts with it

@@ -12,6 +12,7 @@ at the points of a meta-step, in this order:
     task_loop      the same, with entries per task            (FiLM codes)
     observe        the crafted sets, after the task losses    (per-type BN statistics)
     aggregate      the task losses -> the meta-loss           (task attention)
+    logged         tensors for the step's record              (the adaptation gap)
 
 Its ``artifact`` is what evaluation adapts with (``TrainResult.artifacts[artifact_name]``; the run directory
 saves it with ``save_artifact`` / ``load_artifact``; ``eval_options`` turns it into ``evaluate``'s arguments).
@@ -207,6 +208,11 @@ class MetaOption:
                   sets: Sequence[TaskSets], losses: Tensor, query_loss: Tensor,
                   query_acc: Tensor) -> Aggregate | None:  # fmt: skip
         return None
+
+    def logged(self, model: nn.Module, params: Params, buffers: Params, tasks: Sequence[AttackTask],
+               sets: Sequence[TaskSets], query_acc: Tensor) -> dict[str, Tensor]:  # fmt: skip
+        """Tensors for the meta-step's record, read with the step's other values (no extra host sync)."""
+        return {}
 
     def record(self) -> dict[str, Any]:
         """Host-side entries for the meta-step's record."""
