@@ -22,6 +22,7 @@ OPTIMIZERS = ("adam", "sgd")  # the optimizers every method may use (see engine.
 _QUERY_ATTACK = ("meta", "adapted")
 INNER_PARAMS = ("all", "head")  # what the inner loop adapts (see inner.inner_parameter_names)
 TASK_ENCODINGS = ("none", "type", "support")  # where FiLM's task code comes from (see film.py)
+TASK_AGGREGATIONS = ("mean", "max", "softmax")  # how the tasks' query losses are weighted (see worst_case.py)
 
 
 def _is_num(v: Any) -> bool:
@@ -106,6 +107,9 @@ class MetaConfig:
     attention_lr: float = 0.01  # learning rate of the attention network (its own group of the meta-optimizer)
     task_bn: bool = False  # also keep BatchNorm running statistics per attack type (for evaluate's "task_bn")
     log_adaptation_gap: bool = False  # log each task's query accuracy at theta and its adapted-minus-theta gap
+    zero_shot_weight: float = 0.0  # lambda >= 0: + lambda * the meta-parameters' adversarial support loss
+    task_aggregation: str = "mean"  # task weights of the meta-loss: "mean", "max" (worst task), "softmax"
+    aggregation_temperature: float = 1.0  # tau > 0 of task_aggregation="softmax"
     # Model conditioning and regularization options (docs/meta_options.md).
     task_encoding: str = "none"  # FiLM task code: "none", "type" (learned per type), "support" (inferred)
     encoding_dim: int = 8  # size of the task code fed to FiLM
@@ -129,6 +133,12 @@ class MetaConfig:
         self._require("weight_decay", _is_num(self.weight_decay) and self.weight_decay >= 0, "a number >= 0")
         self._require("clean_weight", _is_num(self.clean_weight) and 0 <= self.clean_weight <= 1, "in [0, 1]")
         self._require("proximal", _is_num(self.proximal) and self.proximal >= 0, "a number >= 0")
+        self._require(
+            "zero_shot_weight", _is_num(self.zero_shot_weight) and self.zero_shot_weight >= 0, "a number >= 0"
+        )
+        self._require("task_aggregation", self.task_aggregation in TASK_AGGREGATIONS, f"one of {TASK_AGGREGATIONS}")
+        self._require("aggregation_temperature", _is_num(self.aggregation_temperature)
+                      and self.aggregation_temperature > 0, "a number > 0")  # fmt: skip
         self._require("first_order_until", is_int(self.first_order_until) and self.first_order_until >= 0,
                       "an integer >= 0")  # fmt: skip
         self._require("inner_params", self.inner_params in INNER_PARAMS, f"one of {INNER_PARAMS}")

@@ -88,7 +88,9 @@ def meta_batch_loss(
     for option in options:
         found = option.aggregate(model, params, buffers, tasks, sets, losses, query_loss, query_acc)
         if found is not None:
-            loss, objective = weighted_meta_loss(found.weights, losses), found.objective
+            loss = loss if found.weights is None else weighted_meta_loss(found.weights, losses)
+            if found.objective is not None:
+                objective = found.objective if objective is None else objective + found.objective
             logged |= found.logged
         logged |= option.logged(model, params, buffers, tasks, sets, query_acc)
         record |= option.record()

@@ -19,6 +19,8 @@ from .meta_sgd import MetaSGD
 from .reuse import AdversarialPool
 from .step_bn import StepBatchNorm
 from .task_bn import TaskBatchNorm
+from .worst_case import WorstCase
+from .zero_shot import ZeroShotTerm
 
 __all__ = [
     "OPTIONS",
@@ -42,6 +44,8 @@ OPTIONS: tuple[type[MetaOption], ...] = (
     MetaSGD,
     StepBatchNorm,
     AttentionOption,
+    WorstCase,
+    ZeroShotTerm,
     TaskBatchNorm,
     AdversarialPool,
     PersistentGenerators,

@@ -111,12 +111,12 @@ def _stacked(buffers: Mapping[str, Any], per_task: frozenset[str]) -> Params:
 
 @dataclass(frozen=True)
 class Aggregate:
-    """An option's meta-loss over the task losses: ``weights`` (T,) replace the mean (detached in the loss),
-    ``objective`` is added to what is back-propagated (its graph to the option's own parameters), and
-    ``logged`` tensors land in the step's record."""
+    """An option's meta-loss over the task losses: ``weights`` (T,) replace the mean (detached in the loss; None:
+    keep them), ``objective`` is added to what is back-propagated (an option's own loss; the objectives of
+    several options add up), and ``logged`` tensors land in the step's record."""
 
-    weights: Tensor
-    objective: Tensor
+    weights: Tensor | None = None
+    objective: Tensor | None = None
     logged: dict[str, Tensor] = field(default_factory=dict)
 
 

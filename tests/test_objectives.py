@@ -1,0 +1,77 @@
+"""Adaptation-aware meta-objectives: the zero-shot term (``zero_shot_weight``) and worst-case aggregation over
+the tasks (``task_aggregation``)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import metaadv as ma
+from metaadv.attacks import make
+from metaadv.functional import call, clone_buffers, state
+from metaadv.meta import meta_batch_loss
+from metaadv.meta.options.worst_case import WorstCase
+from metaadv.meta.options.zero_shot import ZeroShotTerm
+from metaadv.models import SmallCNN
+from metaadv.tasks import AttackTask
+
+SPECS = ["fgsm(eps=0.3)", "pgd_linf(eps=0.3, steps=2, random_start=False)", "fgsm(eps=0.1)"]
+
+
+def setting(**options):
+    torch.manual_seed(0)
+    model = SmallCNN(image_size=8, hidden=16).double().train()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.rand(3 * 12, 1, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 10, (36,), generator=g)
+    cfg = ma.MetaConfig(tasks_per_batch=3, support_size=6, query_size=6, inner_lr=0.1, **options)
+    return model, x, y, cfg, [AttackTask(make(s), i) for i, s in enumerate(SPECS)]
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_the_zero_shot_term_adds_an_objective_and_leaves_the_meta_loss_as_it_was(batched):
+    model, x, y, cfg, tasks = setting(zero_shot_weight=0.5, batched=batched)
+    params, buffers = state(model)
+    out = meta_batch_loss(model, params, buffers, tasks, x, y, cfg, options=[ZeroShotTerm(0.5)])
+    plain_model, _, _, plain_cfg, _ = setting(batched=batched)
+    plain_params, plain_buffers = state(plain_model)
+    plain = meta_batch_loss(plain_model, plain_params, plain_buffers, tasks, x, y, plain_cfg)
+    torch.testing.assert_close(out.loss, plain.loss, rtol=1e-12, atol=0)  # the adapted copies' meta-loss
+    torch.testing.assert_close(out.objective, 0.5 * out.logged["zero_shot_loss"], rtol=1e-12, atol=0)
+    grads = torch.autograd.grad(out.objective, list(params.values()))
+    assert all(torch.isfinite(g).all() for g in grads) and all(g.abs().sum() > 0 for g in grads)
+
+
+def test_the_zero_shot_loss_is_that_of_the_crafted_support_sets():
+    model, x, y, cfg, tasks = setting(zero_shot_weight=2.0)
+    params, buffers = state(model)
+    sets = ma.meta.craft_task_sets(model, params, buffers, tasks, x, y, cfg)
+    found = ZeroShotTerm(2.0).aggregate(model, params, buffers, tasks, sets, None, None, None)
+    by_hand = torch.stack([F.cross_entropy(call(model, params, clone_buffers(buffers), s.support), s.support_y)
+                           for s in sets]).mean()  # fmt: skip
+    torch.testing.assert_close(found.logged["zero_shot_loss"], by_hand, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(found.objective, 2.0 * by_hand, rtol=1e-10, atol=1e-12)
+
+
+def test_max_aggregation_trains_on_the_worst_task_and_softmax_interpolates():
+    model, x, y, cfg, tasks = setting(task_aggregation="max")
+    params, buffers = state(model)
+    out = meta_batch_loss(model, params, buffers, tasks, x, y, cfg, options=[WorstCase("max")])
+    worst = out.query_loss.argmax()
+    assert out.task_weights.tolist() == F.one_hot(worst, 3).double().tolist()
+    torch.testing.assert_close(out.loss, out.query_loss[worst], rtol=1e-12, atol=0)  # clean_weight 0: L_i
+    warm = WorstCase("softmax", temperature=1e6).aggregate(model, params, buffers, tasks, [], out.query_loss,
+                                                          out.query_loss, out.query_acc)  # fmt: skip
+    torch.testing.assert_close(warm.weights, torch.full((3,), 1 / 3, dtype=torch.float64), rtol=1e-5, atol=0)
+
+
+def test_meta_train_logs_both_and_refuses_worst_case_with_attention():
+    x, y = ma.data.to_tensors(ma.data.load("mnist5k")[0], 64)
+    cfg = ma.MetaConfig(tasks_per_batch=2, support_size=8, query_size=8, steps=2, device="cpu",
+                        zero_shot_weight=0.3, task_aggregation="softmax", aggregation_temperature=0.5)  # fmt: skip
+    run = ma.meta_train(SmallCNN(hidden=16), (x, y), ma.AttackDistribution(SPECS[:2], seed=0), cfg, progress=False)
+    assert all(r["zero_shot_loss"] > 0 and len(r["task_weights"]) == 2 for r in run.history)
+    with pytest.raises(ValueError, match="task_attention"):
+        ma.meta_train(SmallCNN(hidden=16), (x, y), ma.AttackDistribution(SPECS[:2], seed=0),
+                      ma.MetaConfig(tasks_per_batch=2, support_size=8, query_size=8, steps=1, task_attention=True,
+                                    task_aggregation="max"), progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match="zero_shot_weight"):
+        ma.MetaConfig(zero_shot_weight=-1.0)
