@@ -20,7 +20,7 @@ __all__ = ["LOOP_FIELDS", "OPTIMIZERS", "LoopConfig", "MetaConfig", "RunConfig",
 
 OPTIMIZERS = ("adam", "sgd")  # the optimizers every method may use (see engine.make_optimizer)
 _QUERY_ATTACK = ("meta", "adapted")
-INNER_PARAMS = ("all", "head")  # what the inner loop adapts (see inner.inner_parameter_names)
+INNER_PARAMS = ("all", "head", "bn")  # what the inner loop adapts (see inner.inner_parameter_names)
 TASK_ENCODINGS = ("none", "type", "support")  # where FiLM's task code comes from (see film.py)
 TASK_AGGREGATIONS = ("mean", "max", "softmax")  # how the tasks' query losses are weighted (see worst_case.py)
 
@@ -97,7 +97,7 @@ class MetaConfig:
     batched: bool = True  # task-batched meta-step (every device); False: the looped reference, one task at a time
     vmap_tasks: bool | None = None  # batched step's T forward passes: vmapped, looped, None: vmapped on CUDA only
     # Inner-loop options (docs/meta_options.md); the defaults are plain MAML.
-    inner_params: str = "all"  # adapted in the inner loop: "all" or "head" (ANIL: the last layer with parameters)
+    inner_params: str = "all"  # adapted in the inner loop: "all", "head" (ANIL) or "bn" (BatchNorm affine only)
     proximal: float = 0.0  # lambda >= 0: the inner loss is L_support(theta') + lambda * ||theta' - theta||^2
     first_order_until: int = 0  # meta-steps 0..N-1 first order, then second order (MAML++); first_order wins
     learn_inner_lr: bool = False  # Meta-SGD: a learned step size per parameter entry, initialized to inner_lr

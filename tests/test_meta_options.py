@@ -51,7 +51,9 @@ def fixed_sets() -> list[TaskSets]:
 
 
 def config(**options) -> ma.MetaConfig:
-    base = {"tasks_per_batch": N_TASKS, "support_size": SHOTS, "query_size": SHOTS, "inner_lr": LR}
+    """The looped reference step unless ``batched=True`` (then vmapped: the GPU path)."""
+    base = {"tasks_per_batch": N_TASKS, "support_size": SHOTS, "query_size": SHOTS, "inner_lr": LR, "batched": False,
+            "vmap_tasks": True}  # fmt: skip
     return ma.MetaConfig(**{**base, **options})
 
 
@@ -127,6 +129,26 @@ def test_head_batched_equals_looped(first_order):
     looped = meta_grads(model, **options)
     assert_all_close(meta_grads(model, batched=True, **options), looped)
     assert not all(torch.equal(a, b) for a, b in zip(looped, meta_grads(model, inner_steps=2), strict=True))
+
+
+# BN-only inner loop: only the BatchNorm layers' scale and shift adapt ----------------------------------------------
+
+BN = ("features.1.weight", "features.1.bias", "features.5.weight", "features.5.bias")  # SmallCNN's two BatchNorms
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_bn_only_adapts_the_batchnorm_affine_parameters_and_batched_equals_looped(first_order):
+    model = tiny_cnn()
+    assert inner_parameter_names(model, "bn") == list(BN)
+    xs, ys, _, _ = support_query()
+    params, _ = state(model)
+    adapted = adapt(model, xs, ys, steps=2, lr=LR, inner_params="bn", first_order=first_order)
+    for k, p in params.items():
+        assert torch.equal(adapted[k], p) != (k in BN), k
+    options = {"inner_params": "bn", "inner_steps": 2, "first_order": first_order}
+    assert_all_close(meta_grads(model, batched=True, **options), meta_grads(model, **options))
+    with pytest.raises(ValueError, match="no affine BatchNorm"):
+        inner_parameter_names(nn.Sequential(nn.Linear(3, 2)), "bn")
 
 
 # Proximal term ---------------------------------------------------------------------------------------------------

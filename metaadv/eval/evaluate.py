@@ -75,8 +75,8 @@ def evaluate(
             drawn from examples disjoint from the evaluation examples.
         adapt_steps, adapt_lr: SGD steps and learning rate of ``"sgd"`` and ``"bn_sgd"``; ``adapt_lr`` may also
             be a tensor per adapted parameter, name -> tensor shaped like it (Meta-SGD's ``TrainResult.inner_lr``).
-        adapt_params, adapt_proximal: their ``inner_params`` (``"all"`` or ``"head"``: ANIL) and ``proximal``
-            weight (>= 0), as in ``adapt``.
+        adapt_params, adapt_proximal: their ``inner_params`` (``"all"``, ``"head"``: ANIL, or ``"bn"``: the
+            BatchNorm layers' affine parameters) and ``proximal`` weight (>= 0), as in ``adapt``.
         adapt_methods: any of ``ADAPT_METHODS`` (each re-runs every attack against the model it adapts, in eval
             mode; docs/adaptation.md gives their rules): ``"sgd"`` (fine-tune on the adversarial support set, first
             order, eval mode), ``"bn"`` (re-estimate every BatchNorm layer's statistics from the adversarial support

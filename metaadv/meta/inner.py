@@ -30,17 +30,27 @@ LearningRate = float | Mapping[str, Tensor]  # one step size, or one tensor per 
 
 
 def inner_parameter_names(model: nn.Module, inner_params: str = "all") -> list[str]:
-    """Names of the parameters the inner loop adapts: ``"all"`` of them, or the ``"head"``.
+    """Names of the parameters the inner loop adapts: ``"all"`` of them, the ``"head"``, or the BatchNorm
+    layers' affine parameters (``"bn"``).
 
     The head (ANIL, Raghu et al. 2020) is the last module in ``model.named_modules()`` order (registration
     order) that holds parameters of its own: SmallCNN's final ``head.3`` Linear, PreActResNet18's ``linear``.
-    A model that registers its classifier before other layers needs ``"all"`` or another layout.
+    A model that registers its classifier before other layers needs ``"all"`` or another layout. ``"bn"``
+    adapts the scale and shift of every ``nn.BatchNorm*d`` and nothing else: with the support set's batch
+    statistics in a training-mode inner loop, the adaptation test-time BN statistics make, plus a learned
+    affine step (ARM-BN, Zhang et al. 2021; TaskNorm, Bronskill et al. 2020).
     """
     if inner_params not in INNER_PARAMS:
         raise ValueError(f"inner_params must be one of {INNER_PARAMS}, got {inner_params!r}")
     names = [k for k, _ in model.named_parameters()]
     if inner_params == "all":
         return names
+    if inner_params == "bn":
+        layers = [p for p, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        bn = [k for k in names if k.rpartition(".")[0] in layers]
+        if not bn:
+            raise ValueError(f"inner_params='bn' found no affine BatchNorm parameters in {type(model).__name__}")
+        return bn
     owners = [prefix for prefix, m in model.named_modules() if list(m.parameters(recurse=False))]
     head = [k for k in names if owners and k.rpartition(".")[0] == owners[-1]]
     if not head:  # no parameters, or the last layer's are shared with an earlier one
