@@ -153,9 +153,11 @@ def training_config(method: str, protocol: dict, seed: int, device: str, steps: 
     return meta_config(base, config.loop, settings_of(base, config))
 
 
-def train(method: str, protocol: dict, train_data, seed: int, device: str, steps: int | None = None) -> ma.TrainResult:
+def train(method: str, protocol: dict, train_data, seed: int, device: str, steps: int | None = None,
+          **checkpointing: Any) -> ma.TrainResult:  # fmt: skip
     """Train ``method`` (see :func:`plan`) as ``protocol`` says (its epochs, or ``steps`` optimizer steps when
-    given): a meta method on meta-batches of the protocol's meta section, a baseline on ``batch_size``."""
+    given): a meta method on meta-batches of the protocol's meta section, a baseline on ``batch_size``.
+    ``checkpointing``: ``metaadv.train``'s ``checkpoint_dir``, ``resume``, ... (``learning_curves.py``)."""
     torch.manual_seed(seed)  # the model's initialization
     model = ma.models.build(protocol["model"])
     base, attacks, settings = plan(method, protocol)
@@ -166,7 +168,7 @@ def train(method: str, protocol: dict, train_data, seed: int, device: str, steps
     else:
         loop = ma.LoopConfig(epochs=protocol["epochs"], steps=steps, batch_size=protocol["batch_size"], seed=seed,
                              device=device)  # fmt: skip
-    return ma.train(base, model, train_data, attacks, loop=loop, progress=False, **settings)
+    return ma.train(base, model, train_data, attacks, loop=loop, progress=False, **checkpointing, **settings)
 
 
 def sanity(model, test, protocol: dict, seed: int) -> dict[str, Any]:

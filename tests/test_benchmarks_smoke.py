@@ -17,6 +17,7 @@ import metaadv as ma
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import heldout  # noqa: E402
+import learning_curves  # noqa: E402
 import method_cost  # noqa: E402
 import plots  # noqa: E402
 import transfer  # noqa: E402
@@ -304,3 +305,35 @@ def test_op_counts_of_a_step_are_positive_and_looped_meta_launches_at_least_batc
     assert counts["meta"].n_ops >= counts["meta_batched"].n_ops
     assert counts["meta"].n_syncs >= counts["meta_batched"].n_syncs
     assert all(c.phases["optimizer"] > 0 and c.phases["autograd"] > 0 for c in counts.values())
+
+
+def test_the_converged_epoch_is_the_first_after_which_the_last_fifth_moves_under_a_point():
+    rising = [10, 20, 30, 40, 50, 55, 58, 60, 60.5, 60.8, 61, 61.2, 61.3, 61.3, 61.4, 61.4]
+    assert learning_curves.converged_epoch(rising, min_epochs=5) == 9  # from epoch 9 on: < 1 point per fifth
+    assert learning_curves.converged_epoch(rising, min_epochs=15) == 15
+    assert learning_curves.converged_epoch([10, 20, 30], min_epochs=2) is None
+    assert learning_curves.converged_epoch(rising, min_epochs=20) is None  # fewer epochs than the minimum
+
+
+@pytest.mark.slow
+def test_learning_curves_resume_epoch_by_epoch_and_equal_one_run(tmp_path, monkeypatch):
+    protocol = {**heldout.load_protocol(heldout.DEFAULT_PROTOCOL, quick=True), **TINY, "tune": {"examples": 32,
+                "steps": [1], "lr": [0.01]}}  # fmt: skip
+    monkeypatch.setattr(learning_curves, "load_protocol", lambda path, quick: protocol)
+    out = tmp_path / "curves.json"
+    argv = ["learning_curves.py", "--quick", "--methods", "pgd_at", "--out", str(out), "--work", str(tmp_path / "w")]
+    monkeypatch.setattr(sys, "argv", argv)
+    learning_curves.main()
+    points = json.loads(out.read_text())["pgd_at"]
+    assert [p["epoch"] for p in points] == [1, 2] and 0 <= points[-1]["heldout"]["union"] <= 100
+    assert set(points[-1]["heldout"]["per_attack"]) == {ma.attacks.make(a).spec for a in protocol["held_out"]}
+    learning_curves.main()  # a rerun resumes: nothing left to train
+    assert json.loads(out.read_text())["pgd_at"] == points
+    train_data, _ = heldout.split_validation(heldout.load_data(protocol)[0], 32)
+    where = {"checkpoint_dir": tmp_path / "again", "resume": True, "keep_last": 1}
+    for epoch in (1, 2):  # what the script does: each epoch a resume of the previous one
+        resumed = heldout.train("meta_so", {**protocol, "epochs": epoch}, train_data, 0, "cpu", **where)
+    straight = heldout.train("meta_so", {**protocol, "epochs": 2}, train_data, 0, "cpu")
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in straight.history]
+    for k, v in straight.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[k], v), k
