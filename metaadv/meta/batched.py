@@ -6,12 +6,14 @@ ones as (T, *shape). Only the forward pass is vmapped; gradients are taken outsi
 batched kernels the forward recorded. That keeps native BatchNorm exact to second order: its vmapped
 *backward* is the one with a wrong batching rule (DESIGN.md, "Pitfalls"; pytorch/functorch issue 534).
 The task losses are independent, so the gradient of their sum with respect to (T, *shape) parameters
-holds each task's own gradient.
+holds each task's own gradient. On CPU (``vectorize=False``) the same function runs the T forward passes one
+after the other. Per-task buffers (FiLM codes) are picked with ``task_row`` / ``pick_buffers``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,12 +25,14 @@ from ..functional import Params, detach
 from ..types import ModelFn
 
 __all__ = [
+    "pick_buffers",
     "pick_tasks",
     "read_only",
     "task_cross_entropy",
     "task_forward",
     "task_losses_of",
     "task_model_fn",
+    "task_row",
     "vectorized",
 ]
 
@@ -135,6 +139,16 @@ def pick_tasks(tensors: Mapping[str, Tensor], tasks: Sequence[int]) -> Params:
     if list(tasks) == list(range(first, first + len(tasks))):
         return {k: v[first : first + len(tasks)] for k, v in tensors.items()}
     return {k: torch.stack([v[i] for i in tasks]) for k, v in tensors.items()}
+
+
+def pick_buffers(buffers: Mapping[str, Any], per_task: Collection[str], tasks: Sequence[int]) -> Params:
+    """``buffers`` with each per-task entry, (T, ...), cut to the rows ``tasks`` (``pick_tasks``)."""
+    return {**buffers, **pick_tasks({k: buffers[k] for k in per_task}, tasks)}
+
+
+def task_row(buffers: Mapping[str, Any], per_task: Collection[str], i: int) -> Params:
+    """Task ``i``'s buffers: row ``i`` of each per-task entry (a (T, ...) tensor or a list of T tensors)."""
+    return {k: v[i] if k in per_task else v for k, v in buffers.items()}
 
 
 def read_only(buffers: Mapping[str, Tensor]) -> dict[str, Tensor | None]:

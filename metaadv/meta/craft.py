@@ -15,7 +15,7 @@ from ..config import MetaConfig
 from ..functional import Params, model_fn
 from ..tasks import AttackTask, split_support_query
 from ..views import cat_rows
-from .batched import pick_tasks, task_model_fn, vectorized
+from .batched import pick_buffers, task_model_fn, vectorized
 from .options.base import MetaOption, TaskBuffers
 from .sets import TaskSets
 
@@ -117,10 +117,9 @@ def _batched_attacks(
     adv = {i: tasks[i](model_fn(model, params, target.of(i)), inputs[i], labels[i])
            for i in todo if tasks[i].runner is not None}  # fmt: skip
     stacked = target.stacked()
-    per_task = {k: stacked[k] for k in target.per_task}
     for group in group_by_batch_key([tasks[i].attack for i in grouped]):
         group = [grouped[j] for j in group]
-        buffers = {**stacked, **pick_tasks(per_task, group)}
+        buffers = pick_buffers(stacked, target.per_task, group)
         fn = task_model_fn(model, params, buffers, len(group), batched=target.per_task, vectorize=vectorize)
         crafted = run_grouped([tasks[i].attack for i in group], fn, [inputs[i] for i in group],
                               [labels[i] for i in group])  # fmt: skip

@@ -20,7 +20,7 @@ from ..batchnorm import update_running_stats
 from ..config import INNER_PARAMS
 from ..functional import Params, call, clone_buffers, state
 from ..validation import check_positive
-from .batched import task_forward, task_losses_of
+from .batched import task_forward, task_losses_of, task_row
 
 __all__ = ["adapt", "adapt_tasks", "init_inner_lr", "inner_parameter_names"]
 
@@ -204,11 +204,10 @@ def _adapt_each(model: nn.Module, x: Tensor, y: Tensor, *, params: Params, buffe
     accumulate into the meta-parameters directly, with no (T, *shape) gradient to assemble)."""
     out = []
     for t in range(len(x)):
-
-        def row(b: Mapping[str, Tensor], t: int = t) -> Params:
-            return {k: v[t] if k in batched else v for k, v in b.items()}
-
-        mine = None if buffers is None else row(buffers) if isinstance(buffers, Mapping) else [row(b) for b in buffers]
+        if buffers is None or isinstance(buffers, Mapping):
+            mine = None if buffers is None else task_row(buffers, batched, t)
+        else:
+            mine = [task_row(b, batched, t) for b in buffers]  # one dict per inner step
         out.append(adapt(model, x[t], y[t], params=params, buffers=mine, **settings))
     return {k: torch.stack([o[k] for o in out]) for k in params}
 

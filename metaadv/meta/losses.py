@@ -16,7 +16,7 @@ from ..functional import Params, call, model_fn
 from ..tasks import AttackTask
 from ..types import ModelFn
 from ..views import stack_rows
-from .batched import pick_tasks, task_cross_entropy, task_forward, task_model_fn, vectorized
+from .batched import pick_buffers, pick_tasks, task_cross_entropy, task_forward, task_model_fn, vectorized
 from .craft import attack_precision
 from .inner import adapt, adapt_tasks
 from .options import check_given
@@ -131,8 +131,7 @@ def _adapted_queries(
 
 def _against(model: nn.Module, adapted: Params, loop: InnerLoop, group: list[int], vectorize: bool) -> ModelFn:
     """The attack's model for the adapted copies of the tasks ``group``, at their attack buffers."""
-    per_task = {k: loop.attack_buffers[k] for k in loop.per_task}
-    buffers = {**loop.attack_buffers, **pick_tasks(per_task, group)}
+    buffers = pick_buffers(loop.attack_buffers, loop.per_task, group)
     batched = {*adapted, *loop.per_task}
     return task_model_fn(model, pick_tasks(adapted, group), buffers, len(group), batched=batched, vectorize=vectorize)
 

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from ...functional import Params
 from ...tasks import AttackDistribution, AttackTask
+from ..batched import task_row
 from ..sets import TaskSets
 
 __all__ = ["Aggregate", "InnerLoop", "MetaOption", "OptionSetup", "TaskBuffers"]
@@ -67,10 +68,10 @@ class InnerLoop:
         steps = self.settings.get("buffers")
         settings = dict(self.settings)
         if steps is not None:
-            settings["buffers"] = _row(steps, self.per_task, i) if isinstance(steps, Mapping) else [
-                _row(b, self.per_task, i) for b in steps]  # fmt: skip
-        return replace(self, settings=settings, query_buffers=_row(self.query_buffers, self.per_task, i),
-                       attack_buffers=_row(self.attack_buffers, self.per_task, i), per_task=frozenset())  # fmt: skip
+            settings["buffers"] = task_row(steps, self.per_task, i) if isinstance(steps, Mapping) else [
+                task_row(b, self.per_task, i) for b in steps]  # fmt: skip
+        query, attack = task_row(self.query_buffers, self.per_task, i), task_row(self.attack_buffers, self.per_task, i)
+        return replace(self, settings=settings, query_buffers=query, attack_buffers=attack, per_task=frozenset())
 
     def stacked(self) -> InnerLoop:
         """The loop for the task-batched step: every per-task buffer as one (T, *shape) tensor."""
@@ -94,15 +95,11 @@ class TaskBuffers:
 
     def of(self, i: int) -> Params:
         """Task ``i``'s buffers."""
-        return _row(self.buffers, self.per_task, i)
+        return task_row(self.buffers, self.per_task, i)
 
     def stacked(self) -> Params:
         """The buffers with every per-task entry as one (T, *shape) tensor."""
         return _stacked(self.buffers, self.per_task)
-
-
-def _row(buffers: Mapping[str, Any], per_task: frozenset[str], i: int) -> Params:
-    return {k: v[i] if k in per_task else v for k, v in buffers.items()}
 
 
 def _stacked(buffers: Mapping[str, Any], per_task: frozenset[str]) -> Params:
