@@ -215,7 +215,8 @@ def run_one(method: str, protocol: dict, seed: int, device: str, out: Path) -> d
         "validation": {"examples": len(val[1]), "held_out_of": "the training data"},
         "sanity": sanity(model, test, protocol, seed),
         "eval_seconds": time.perf_counter() - t_eval, "tune_seconds": tune_seconds,
-        "history": [{k: r[k] for k in ("step", "loss", "seconds", "task_names", "query_acc", "task_weights") if k in r}
+        "history": [{k: r[k] for k in ("step", "loss", "seconds", "task_names", "query_acc", "task_weights",
+                                                 "query_acc_theta", "adaptation_gap") if k in r}
                     for r in result.history],
         "config": protocol, "versions": versions(), "git_commit": git_commit(), "hardware": hardware(model),
     }  # fmt: skip

@@ -63,12 +63,13 @@ from torch.utils.weak import WeakIdKeyDictionary
 import metaadv as ma
 from metaadv.models import SmallCNN
 
-__all__ = ["ATTACK", "VARIANTS", "Counts", "OpCounter", "Workload", "adam_step_counts", "breakdown", "markdown",
-           "op_table", "step_counts"]  # fmt: skip
+__all__ = ["ATTACK", "VARIANTS", "WINDOW", "Counts", "OpCounter", "Workload", "adam_step_counts", "breakdown",
+           "markdown", "op_table", "step_counts", "window_counts"]  # fmt: skip
 
 aten = torch.ops.aten
 ATTACK = "pgd_linf(eps=0.3, steps=5)"
-VARIANTS = ("pgd_at", "meta", "meta_batched")  # pgd_at; meta_train looped over tasks (the default); batched=True
+VARIANTS = ("pgd_at", "meta", "meta_batched")  # pgd_at; meta_train looped over tasks (batched=False); batched
+WINDOW = ma.LoopConfig().log_every  # steps per host read of the engine (the default logging window)
 _NO_KERNEL = {aten._unsafe_view, aten.empty, aten.empty_like, aten.empty_strided, aten.empty_permuted,
               aten.new_empty, aten.new_empty_strided, aten.is_same_size}  # fmt: skip
 _SHAPE_SYNCS = {aten.nonzero, aten.masked_select, aten.unique_consecutive, aten._unique, aten._unique2,
@@ -105,7 +106,7 @@ class Counts:
     """What a counted region did. ``ops``: launches by operator (``aten.add``; ``h2d copy``: a host tensor or
     Python number copied to the device); ``phases``: launches by phase (``forward``; ``autograd``: run by the
     autograd engine; ``optimizer``: inside ``Optimizer.step``); ``syncs``: host syncs by call site and kind
-    (``metaadv/engine/loop.py:296 tolist``); ``host_ops`` / ``host_reads``: operators on, and reads of, tensors
+    (``metaadv/engine/update.py:94 tolist``); ``host_ops`` / ``host_reads``: operators on, and reads of, tensors
     that a GPU run keeps on the host (no launch, no sync); ``no_kernel``: views and allocations, by operator;
     ``files``: launches by the file that issued them (for the autograd engine's: the one that called ``backward``
     or ``autograd.grad``)."""
@@ -346,12 +347,13 @@ class Workload:
         return self.tasks * 2 * self.shots
 
 
-def _train(variant: str, w: Workload, steps: int, data: tuple[torch.Tensor, torch.Tensor]) -> None:
+def _train(variant: str, w: Workload, steps: int, data: tuple[torch.Tensor, torch.Tensor], log_every: int) -> None:
     """``steps`` steps of ``variant`` through ``metaadv.train`` on CPU (the same model, data and seed each call):
-    ``pgd_at``, or ``meta`` (second order, one inner step, query crafted against theta) looped or batched."""
+    ``pgd_at``, or ``meta`` (second order, one inner step, query crafted against theta) looped or batched; the
+    engine reads the device once every ``log_every`` steps."""
     torch.manual_seed(0)
     model = SmallCNN(hidden=w.hidden)
-    loop = ma.LoopConfig(steps=steps, batch_size=w.examples, device="cpu", seed=0)
+    loop = ma.LoopConfig(steps=steps, batch_size=w.examples, device="cpu", seed=0, log_every=log_every)
     if variant == "pgd_at":
         ma.train("pgd_at", model, data, [w.attack], loop=loop, progress=False)
         return
@@ -361,17 +363,27 @@ def _train(variant: str, w: Workload, steps: int, data: tuple[torch.Tensor, torc
     ma.train("meta", model, data, [w.attack], loop=loop, progress=False, **batched, **meta)
 
 
-def step_counts(variant: str, w: Workload) -> Counts:
-    """The launches and syncs of one steady-state step of ``variant``: its 2-step run minus its 1-step run."""
+@functools.cache  # the 2-step run read once serves both the step and the window
+def _counted(variant: str, w: Workload, steps: int, log_every: int) -> Counts:
     g = torch.Generator().manual_seed(0)
     n = 2 * w.examples  # two batches: no reshuffle between the steps
     data = (torch.rand(n, 1, 28, 28, generator=g), torch.randint(10, (n,), generator=g))
-    runs = []
-    for steps in (1, 2):
-        with OpCounter() as counter:
-            _train(variant, w, steps, data)
-        runs.append(counter.counts)
-    return runs[1] - runs[0]
+    with OpCounter() as counter:
+        _train(variant, w, steps, data, log_every)
+    return counter.counts
+
+
+def step_counts(variant: str, w: Workload) -> Counts:
+    """The launches and syncs of one steady-state step of ``variant`` inside a logging window: its 2-step run
+    minus its 1-step run, both read from the device once, at their last step."""
+    return _counted(variant, w, 2, log_every=2) - _counted(variant, w, 1, log_every=2)
+
+
+def window_counts(variant: str, w: Workload) -> Counts:
+    """What one logging window adds to its steps (``LoopConfig.log_every`` of them): the engine's read of their
+    values and its in-memory copy of the state it rolls back to after a non-finite step. A 2-step run read
+    after every step minus one read once."""
+    return _counted(variant, w, 2, log_every=1) - _counted(variant, w, 2, log_every=2)
 
 
 def adam_step_counts(model: torch.nn.Module, foreach: bool) -> Counts:
@@ -393,19 +405,25 @@ Table = dict[str, dict[int, dict[str, float]]]  # variant -> task count -> entry
 
 def op_table(tasks: Sequence[int], shots: int = 32, attack: str = ATTACK, hidden: int = 1024,
              counts: dict[str, dict[int, Counts]] | None = None) -> Table:  # fmt: skip
-    """variant -> task count -> ``{ops, syncs, ratio_to_pgd_at}`` (launches over pgd_at's on as many examples),
+    """variant -> task count -> ``{ops, syncs, ratio_to_pgd_at}``: launches and syncs per step of a run at the
+    default logging window (a step's own, ``step_ops`` / ``step_syncs``, plus its share of the window's,
+    ``window_ops`` / ``window_syncs`` over ``WINDOW`` steps) and the launches over pgd_at's on as many examples;
     with ``ops_cuda_adam`` / ``ratio_cuda_adam`` (Adam's step as the CUDA build runs it), ``optimizer_ops`` (as
-    counted) and ``host_ops`` / ``host_reads``. ``counts``, if given, receives every entry's ``Counts``."""
+    counted) and ``host_ops`` / ``host_reads``. ``counts``, if given, receives every step's ``Counts``."""
     adam_cuda = adam_step_counts(SmallCNN(hidden=hidden), foreach=True).n_ops
     table: Table = {v: {} for v in VARIANTS}
     for t in tasks:
         w = Workload(t, shots, attack, hidden)
         found = {v: step_counts(v, w) for v in VARIANTS}
-        cuda = {v: c.n_ops - c.phases["optimizer"] + adam_cuda for v, c in found.items()}
+        window = {v: window_counts(v, w) for v in VARIANTS}
+        ops = {v: c.n_ops + window[v].n_ops / WINDOW for v, c in found.items()}
+        cuda = {v: n - found[v].phases["optimizer"] + adam_cuda for v, n in ops.items()}
         for v, c in found.items():
             table[v][t] = {
-                "ops": c.n_ops, "syncs": c.n_syncs, "ratio_to_pgd_at": c.n_ops / found["pgd_at"].n_ops,
-                "ops_cuda_adam": cuda[v], "ratio_cuda_adam": cuda[v] / cuda["pgd_at"],
+                "ops": ops[v], "syncs": c.n_syncs + window[v].n_syncs / WINDOW,
+                "ratio_to_pgd_at": ops[v] / ops["pgd_at"], "step_ops": c.n_ops, "step_syncs": c.n_syncs,
+                "window_ops": window[v].n_ops, "window_syncs": window[v].n_syncs, "ops_cuda_adam": cuda[v],
+                "ratio_cuda_adam": cuda[v] / cuda["pgd_at"],
                 "optimizer_ops": c.phases["optimizer"], "host_ops": sum(c.host_ops.values()),
                 "host_reads": sum(c.host_reads.values()),
             }  # fmt: skip
@@ -416,12 +434,14 @@ def op_table(tasks: Sequence[int], shots: int = 32, attack: str = ATTACK, hidden
 
 def markdown(table: Table, shots: int = 32) -> Iterator[str]:
     """The table as markdown lines: one row per variant and task count."""
-    yield "| variant | tasks | examples | ops | syncs | ops / pgd_at | ops, CUDA Adam | / pgd_at | host ops, reads |"
-    yield "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    yield (f"| variant | tasks | examples | ops per step | syncs in a step | window of {WINDOW}: ops, syncs "
+           "| ops / pgd_at | ops, CUDA Adam | / pgd_at | host ops, reads |")  # fmt: skip
+    yield "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     for v in VARIANTS:
         for t, e in table[v].items():
-            cells = (f"{e['ops']:,}", e["syncs"], f"{e['ratio_to_pgd_at']:.2f}", f"{e['ops_cuda_adam']:,}",
-                     f"{e['ratio_cuda_adam']:.2f}", f"{e['host_ops']}, {e['host_reads']}")  # fmt: skip
+            cells = (f"{e['ops']:,.1f}", e["step_syncs"], f"{e['window_ops']}, {e['window_syncs']}",
+                     f"{e['ratio_to_pgd_at']:.2f}", f"{e['ops_cuda_adam']:,.1f}", f"{e['ratio_cuda_adam']:.2f}",
+                     f"{e['host_ops']}, {e['host_reads']}")  # fmt: skip
             yield f"| {v} | {t} | {t * 2 * shots:,} | " + " | ".join(map(str, cells)) + " |"
 
 

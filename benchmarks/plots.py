@@ -6,7 +6,8 @@
 Figures per protocol folder: held-out accuracy per attack per method (grouped bars), robust accuracy vs
 eps, held-out union vs training wall-clock, few-shot adaptation (union vs shots, fine-tuning and
 test-time BN), and meta-training curves. Method colors are fixed across all figures. A transfer-matrix
-folder (``benchmarks/transfer.py``, with a ``matrix.json``) gets its two heatmaps instead.
+folder (``benchmarks/transfer.py``, with a ``matrix.json``) gets its two heatmaps instead. Learning curves
+(``benchmarks/learning_curves.py``'s JSON, per protocol and seed) get one figure each.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -210,6 +212,38 @@ def plot_folder(folder: Path, out: Path) -> list[Path]:
     return written
 
 
+def plot_learning_curves(files: list[Path], out: Path, name: str) -> Path:
+    """One figure of ``benchmarks/learning_curves.py``'s JSON ``files`` (method -> points per epoch): the
+    held-out and the training-attack mean accuracy after every epoch, one line per method."""
+    fig, axes = plt.subplots(1, 2, figsize=WIDTH, sharey=True)
+    for path in files:
+        for method, points in json.loads(path.read_text()).items():
+            epochs = [p["epoch"] for p in points]
+            for ax, kind in zip(axes, ("heldout", "train"), strict=True):
+                ax.plot(epochs, [p[kind]["mean"] for p in points], label=method, color=COLORS.get(method))
+    for ax, title in zip(axes, ("held-out attacks", "training attacks"), strict=True):
+        ax.set(title=title, xlabel="epoch")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("mean robust accuracy (%)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{name}: zero-shot accuracy after every epoch", fontsize=9)
+    fig.tight_layout()
+    out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out / f"{name}.png", dpi=120)
+    plt.close(fig)
+    return out / f"{name}.png"
+
+
+def learning_curve_files(results: Path) -> dict[str, list[Path]]:
+    """``learning_curves_<protocol>_seed<k>[_<method>].json`` in ``results``, grouped by protocol and seed."""
+    groups: dict[str, list[Path]] = defaultdict(list)
+    for path in sorted(results.glob("learning_curves_*.json")):
+        match = re.match(r"(learning_curves_.+_seed\d+)", path.stem)
+        if match:
+            groups[match.group(1)].append(path)
+    return dict(groups)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("folders", nargs="*", type=Path, help="result folders (default: benchmarks/results/*/)")
@@ -219,6 +253,9 @@ def main() -> None:
     for folder in folders:
         for path in plot_folder(folder, args.out):
             print(f"wrote {path}")
+    if not args.folders:
+        for name, files in learning_curve_files(ROOT / "benchmarks" / "results").items():
+            print(f"wrote {plot_learning_curves(files, args.out, name)}")
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ class LoopConfig:
     weight_decay: float = 0.0  # the optimizer's weight decay
     seed: int = 0  # seeds the data order (and, for each method, its own randomness)
     device: str = "auto"  # "auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:1", ...
-    log_every: int = 10  # log a line every this many steps
+    log_every: int = 10  # log a line and read the steps' values from the device every this many steps
     max_bad_steps: int | None = 5  # stop after this many consecutive non-finite steps (each skipped); None: never
     deterministic: bool = False  # GPU: deterministic cuDNN/cuBLAS kernels (slower); CPU runs repeat exactly anyway
 
@@ -91,7 +91,7 @@ class MetaConfig:
     steps: int | None = None  # if set, the number of meta-steps (overrides epochs)
     device: str = "auto"  # "auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:1", ...
     seed: int = 0  # seeds model-independent randomness: data order, task sampling, attack starts
-    log_every: int = 10  # log a line every this many meta-steps
+    log_every: int = 10  # log a line and read the steps' values from the device every this many meta-steps
     max_bad_steps: int = 5  # stop after this many consecutive meta-steps with a non-finite loss/gradient (each skipped)
     deterministic: bool = False  # GPU: deterministic cuDNN/cuBLAS kernels (slower); CPU runs repeat exactly anyway
     batched: bool = True  # task-batched meta-step (every device); False: the looped reference, one task at a time

@@ -78,6 +78,8 @@ class PoisonedTasks:
 
     ``meta_train`` samples the tasks once at the start of every meta-step, so the flag covers that step's
     crafting, inner loop and query passes; a model reading it (``Poisonable`` in test_faults.py) turns them NaN.
+    The call count is part of the sampler's state, as a real fault is a function of the run's state: the engine
+    replays a window with a bad step from the window's start, and the replay meets the same faults.
     """
 
     def __new__(cls, specs, model, bad, **kwargs):
@@ -88,6 +90,13 @@ class PoisonedTasks:
                 self.calls += 1
                 model.poison = self.calls in bad
                 return super().sample(*args, **kw)
+
+            def state_dict(self):  # the count is the run's state: a rolled-back window replays the same faults
+                return {**super().state_dict(), "calls": self.calls}
+
+            def load_state_dict(self, state):
+                super().load_state_dict(state)
+                self.calls = state["calls"]
 
         tasks = Poisoned(specs, **kwargs)
         tasks.calls = 0

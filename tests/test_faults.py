@@ -100,6 +100,20 @@ def test_too_many_consecutive_bad_steps_stop_with_a_clear_error():
     assert isinstance(info.value, FloatingPointError)
 
 
+def test_a_window_with_a_bad_step_is_replayed_into_the_run_checked_at_every_step():
+    # log_every=4: the engine reads steps 1-4 from the device once, at step 4; step 3 was bad, so the window is
+    # rolled back to its start and replayed checked. The run equals the one that read every step.
+    (checked, every), (deferred, windowed) = (poisoned_run(steps=6, bad={3}, log_every=n) for n in (1, 4))
+    assert [r["skipped"] for r in windowed.history] == [False, False, True, False, False, False]
+    for name, tensor in snapshot(checked).items():
+        assert torch.equal(snapshot(deferred)[name], tensor), name
+
+    def without_time(history):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in history]
+
+    assert repr(without_time(windowed.history)) == repr(without_time(every.history))  # NaN == NaN as text
+
+
 def test_isolated_bad_steps_do_not_stop_training():
     _, result = poisoned_run(steps=6, bad={2, 4, 6}, max_bad_steps=2)
     assert len(result.history) == 6 and result.history[-1]["bad_steps"] == 3

@@ -27,7 +27,8 @@ from .. import distributed
 from ..config import LoopConfig
 from .resume import Checkpointing, Progress, resume_into, save
 from .signals import StopOnSignal
-from .state import Stateful, restore, snapshot
+from .state import Stateful
+from .update import Window
 
 __all__ = [
     "NonFiniteLossError",
@@ -215,32 +216,38 @@ def _loop(trainable: Trainable, x: Tensor, y: Tensor, step: StepFn, loop: LoopCo
     bar = tqdm(total=total, initial=min(run.done, total), desc=desc, disable=not (progress and main) or None,
                leave=False)  # fmt: skip
     stopper, last_saved = StopOnSignal(), (run.done, None)  # (step, file) of the newest checkpoint written here
+    window = Window(trainable, step, state, elapsed)
     try:
         with stopper.installed(checkpointing.directory is not None):
             order = run.order.to(x.device)  # the epoch's order on the device: one copy per epoch, not per step
             for i in range(run.done, total):
-                epoch, pos = divmod(i, per_epoch)
+                pos = i % per_epoch
                 if pos == 0 and i > 0:
                     run.order = torch.randperm(len(x), generator=run.generator)
                     order = run.order.to(x.device)
-                idx = order[pos * loop.batch_size : (pos + 1) * loop.batch_size]
-                record = apply_step(trainable, step, x[idx], y[idx], i)
-                record = _account(run, record, i, epoch, elapsed(), loop, total, desc)
-                if logger is not None and _logged(i, loop, total):
-                    logger.step(record, [float(g["lr"]) for g in trainable.optimizer.param_groups])
-                bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.3f}")
-                if checkpointing.directory is not None and ((i + 1) % checkpointing.every == 0 or i + 1 == total):
+                window.run(x, y, order[pos * loop.batch_size : (pos + 1) * loop.batch_size], i)
+                signum = distributed.max_over_ranks(stopper.signum or 0)  # ranks stop together, at the same step
+                saving = checkpointing.directory is not None and ((i + 1) % checkpointing.every == 0 or i + 1 == total)
+                if not (signum or saving or _logged(i, loop, total)):
+                    continue  # no host read inside a window: its steps are checked together at its end
+                for j, seconds, record in window.settle(x, y):
+                    record = _account(run, record, j, j // per_epoch, seconds, loop, total, desc)
+                    if logger is not None and _logged(j, loop, total):
+                        logger.step(record, [float(g["lr"]) for g in trainable.optimizer.param_groups])
+                    bar.update(1)
+                bar.set_postfix(loss=f"{run.history[-1]['loss']:.3f}")
+                if saving:
                     last_saved = (i + 1, save(checkpointing, run, state, elapsed(), env, i + 1))
                     if logger is not None:
                         logger.flush()
-                signum = distributed.max_over_ranks(stopper.signum or 0)  # ranks stop together, at the same step
                 if signum:
                     path = None
                     if checkpointing.directory is not None:
                         path = last_saved[1] if last_saved[0] == i + 1 else save(checkpointing, run, state,
                                                                                  elapsed(), env, i + 1)  # fmt: skip
                     raise TrainingInterrupted(signum, i + 1, path, run.history)
+                if i + 1 < total:
+                    window = Window(trainable, step, state, elapsed)
     finally:
         bar.close()
         run.elapsed_before = elapsed()
@@ -278,39 +285,3 @@ def _account(run: Progress, record: dict[str, Any], i: int, epoch: int, seconds:
 def _logged(i: int, loop: LoopConfig, total: int) -> bool:
     """Whether step ``i`` (0-based) is logged: every ``loop.log_every`` steps and the last."""
     return (i + 1) % loop.log_every == 0 or i + 1 == total
-
-
-def apply_step(trainable: Trainable, step: StepFn, x: Tensor, y: Tensor, index: int) -> dict[str, Any]:
-    """Run ``step`` on one batch and apply its update if finite, else roll back; returns the step's record:
-    ``loss``, the step's own entries, ``grad_norm`` and ``skipped``."""
-    buffers = dict(trainable.model.named_buffers())
-    before = {k: b.clone() for k, b in buffers.items()}  # put back if the step is skipped
-    saved = snapshot(trainable.volatile)
-    out = step(x, y, index)
-    optimizer, params, world = trainable.optimizer, list(trainable.params), distributed.world_size()
-    optimizer.zero_grad(set_to_none=True)
-    out.objective.backward()
-    objective = distributed.all_reduce_gradients(params, out.objective) if world > 1 else out.objective
-    grads = [p.grad for p in params if p.grad is not None]
-    # one launch for every tensor's norm (per tensor on CPU, fused on CUDA), as clip_grad_norm_ does
-    norms = torch._foreach_norm(grads) if grads else []
-    grad_norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros((), device=objective.device)
-    logged = [t.detach().reshape(-1) for t in out.logged.values()]
-    loss = objective.detach() if out.loss is None else out.loss.detach()
-    values = torch.cat([objective.detach().reshape(1), grad_norm.reshape(1), loss.reshape(1), *logged]).tolist()
-    skipped = not (math.isfinite(values[0]) and math.isfinite(values[1]))
-    if skipped:
-        optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for k, b in buffers.items():
-                b.copy_(before[k])
-        restore(trainable.volatile, saved)
-    else:
-        optimizer.step()
-        distributed.average_buffers(buffers, before)  # BatchNorm statistics: the mean over ranks
-    record: dict[str, Any] = {"loss": values[2], **out.record}
-    offset = 3
-    for name, t in zip(out.logged, logged, strict=True):
-        record[name] = values[offset] if out.logged[name].ndim == 0 else values[offset : offset + t.numel()]
-        offset += t.numel()
-    return {**record, "grad_norm": values[1], "skipped": skipped}
