@@ -108,6 +108,7 @@ class MetaConfig:
     task_bn: bool = False  # also keep BatchNorm running statistics per attack type (for evaluate's "task_bn")
     log_adaptation_gap: bool = False  # log each task's query accuracy at theta and its adapted-minus-theta gap
     zero_shot_weight: float = 0.0  # lambda >= 0: + lambda * the meta-parameters' adversarial support loss
+    consistency_weight: float = 0.0  # lambda >= 0: + lambda * theta's symmetric KL across the tasks' attacks
     task_aggregation: str = "mean"  # task weights of the meta-loss: "mean", "max" (worst task), "softmax"
     aggregation_temperature: float = 1.0  # tau > 0 of task_aggregation="softmax"
     # Model conditioning and regularization options (docs/meta_options.md).
@@ -133,9 +134,8 @@ class MetaConfig:
         self._require("weight_decay", _is_num(self.weight_decay) and self.weight_decay >= 0, "a number >= 0")
         self._require("clean_weight", _is_num(self.clean_weight) and 0 <= self.clean_weight <= 1, "in [0, 1]")
         self._require("proximal", _is_num(self.proximal) and self.proximal >= 0, "a number >= 0")
-        self._require(
-            "zero_shot_weight", _is_num(self.zero_shot_weight) and self.zero_shot_weight >= 0, "a number >= 0"
-        )
+        for name in ("zero_shot_weight", "consistency_weight"):
+            self._require(name, _is_num(getattr(self, name)) and getattr(self, name) >= 0, "a number >= 0")
         self._require("task_aggregation", self.task_aggregation in TASK_AGGREGATIONS, f"one of {TASK_AGGREGATIONS}")
         self._require("aggregation_temperature", _is_num(self.aggregation_temperature)
                       and self.aggregation_temperature > 0, "a number > 0")  # fmt: skip

@@ -76,6 +76,15 @@ def test_a_skipped_step_undoes_the_persistent_generators_training_too():
         assert torch.equal(after[name], tensor), name
 
 
+def test_a_nan_step_under_task_attention_is_skipped_without_a_read_from_the_device():
+    # the attention network sees NaN statistics: they are zeroed for it and turn the objective NaN
+    clean, _ = poisoned_run(steps=1, bad=set(), task_attention=True)
+    model, result = poisoned_run(steps=2, bad={2}, task_attention=True)
+    assert [r["skipped"] for r in result.history] == [False, True]
+    for name, tensor in snapshot(clean).items():
+        assert torch.equal(snapshot(model)[name], tensor), name
+
+
 def test_a_nan_gradient_with_a_finite_loss_is_skipped_too():
     torch.manual_seed(0)
     model = SmallCNN(hidden=16)

@@ -11,6 +11,7 @@ from torch import nn
 
 from .attention import AttentionOption
 from .base import Aggregate, InnerLoop, MetaOption, OptionSetup
+from .consistency import ConsistencyTerm
 from .film import TaskEncoding
 from .gap import AdaptationGap
 from .generators import PersistentGenerators
@@ -46,6 +47,7 @@ OPTIONS: tuple[type[MetaOption], ...] = (
     AttentionOption,
     WorstCase,
     ZeroShotTerm,
+    ConsistencyTerm,
     TaskBatchNorm,
     AdversarialPool,
     PersistentGenerators,

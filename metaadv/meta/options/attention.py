@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from ...functional import Params, call, clone_buffers
 from ...tasks import AttackTask
 from ...validation import check_int
+from ...views import to_device
 from ..sets import TaskSets
 from .base import Aggregate, MetaOption, OptionSetup
 
@@ -127,13 +128,14 @@ class TaskAttention(nn.Module):
         """The type index of attack types never seen in training (``n_types``)."""
         return self.n_types
 
-    def forward(self, type_index: Tensor, stats: Tensor) -> Tensor:
+    def forward(self, type_index: Tensor, stats: Tensor, check: bool = True) -> Tensor:
         """Weights (T,) of the tasks: ``type_index`` (T,) integer in [0, n_types]; ``stats`` (T, 4), see
         ``TASK_STATISTICS`` (losses >= 0, gap in [-1, 1], all finite). Differentiable w.r.t. the module only.
 
-        Invalid inputs raise ``ValueError``; non-finite statistics too, so a meta-step whose losses are not
-        finite (one that ``meta_train`` skips) must use uniform weights instead of calling this."""
-        self._check_inputs(type_index, stats)
+        Invalid inputs raise ``ValueError``; non-finite statistics too. ``check=False`` skips the checks and
+        their read from the device (a meta-step's own statistics, made finite by the caller)."""
+        if check:
+            self._check_inputs(type_index, stats)
         stats = stats.detach().to(self.type_embedding.weight.dtype)
         losses = stats[:, :_N_LOSSES]  # (T, 3)
         mean = losses.mean(0, keepdim=True)  # (1, 3)
@@ -240,13 +242,11 @@ class AttentionOption(MetaOption):
                   sets: Sequence[TaskSets], losses: Tensor, query_loss: Tensor,
                   query_acc: Tensor) -> Aggregate:  # fmt: skip
         stats = _attention_statistics(model, params, buffers, sets, query_loss, query_acc)
-        if bool(torch.isfinite(stats).all()):
-            types = torch.tensor([t.type_index for t in tasks], device=stats.device)
-            weights = self.attention(types, stats)
-            objective = self.attention.attention_loss(weights, losses)
-        else:
-            weights = torch.full_like(losses, 1 / len(tasks))
-            objective = losses.detach().sum() * 0.0  # NaN if a loss is: the engine then skips the step
+        types = to_device(torch.tensor([t.type_index for t in tasks]), stats.device)
+        # no read from the device: non-finite statistics (a step the engine will skip) are zeroed for the
+        # network and turn the objective NaN (+ 0 * their sum), so the step is skipped as a NaN loss's is
+        weights = self.attention(types, torch.where(torch.isfinite(stats), stats, 0.0), check=False)
+        objective = self.attention.attention_loss(weights, losses) + 0.0 * stats.sum()
         return Aggregate(weights, objective, {"task_weights": weights.detach()})
 
 
