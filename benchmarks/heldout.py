@@ -271,6 +271,7 @@ def summarize(records: list[dict[str, Any]]) -> str:
     every one at once) can be ~0 for every method, and the mean still ranks them. "best@s" is, per run, the
     best of the adaptations every method gets (``COMMON``; union and mean each maximized on the test digits, so
     optimistic alike for every method); "matched@s", a meta method's own inner loop, stays outside it.
+    "inner-loop gain": runs that log the adaptation gap, its mean over the last fifth of training.
     """
     methods = list(dict.fromkeys(r["method"] for r in records))
     shots = sorted({int(s) for r in records for s in r["adapted"]})
@@ -281,6 +282,8 @@ def summarize(records: list[dict[str, Any]]) -> str:
     how = [m for m in (*COMMON, "task_bn") if m in ran] + (["best"] if ran & set(COMMON) else [])
     how += ["matched"] if "matched" in ran else []
     head += [f"{kind} {m}@{s}" for s in shots for m in how for kind in ("union", "mean")] + ["train time (s)"]
+    gaps = any(inner_loop_gain(r) is not None for r in records)
+    head += ["inner-loop gain (points)"] if gaps else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method in methods:
         rs = [r for r in records if r["method"] == method]
@@ -295,11 +298,21 @@ def summarize(records: list[dict[str, Any]]) -> str:
                 row += [mean_std([x[i] for x in scores]) if scores else "–" for i in (0, 1)]
         t = [r["train_seconds"] for r in rs]
         row.append(f"{statistics.mean(t):.0f}" + (f" ± {statistics.stdev(t):.0f}" if len(t) > 1 else ""))
+        if gaps:
+            gain = [g for r in rs if (g := inner_loop_gain(r)) is not None]
+            row.append(mean_std(gain) if gain else "–")
         lines.append("| " + " | ".join(row) + " |")
     warnings = [f"- {r['method']} seed {r['seed']}: {w}" for r in records for w in r["sanity"]["warnings"]]
     lines += ["", f"{len(records)} runs, seeds {sorted({r['seed'] for r in records})}."]
     lines += ["", "Sanity checks: " + ("all passed." if not warnings else "warnings:"), *warnings]
     return "\n".join(lines)
+
+
+def inner_loop_gain(record: dict[str, Any]) -> float | None:
+    """A meta run's adaptation gap over the last fifth of its steps (``MetaConfig.log_adaptation_gap``): the
+    adapted copies' query accuracy minus theta's on the same examples, in [-1, 1]; None if not logged."""
+    gaps = [statistics.mean(h["adaptation_gap"]) for h in record["history"] if "adaptation_gap" in h]
+    return statistics.mean(gaps[-max(1, len(gaps) // 5) :]) if gaps else None
 
 
 def adapted_scores(at_shots: dict[str, Any], how: str) -> tuple[float, float] | None:
