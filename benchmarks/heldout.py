@@ -311,7 +311,7 @@ def summarize(records: list[dict[str, Any]]) -> str:
 def inner_loop_gain(record: dict[str, Any]) -> float | None:
     """A meta run's adaptation gap over the last fifth of its steps (``MetaConfig.log_adaptation_gap``): the
     adapted copies' query accuracy minus theta's on the same examples, in [-1, 1]; None if not logged."""
-    gaps = [statistics.mean(h["adaptation_gap"]) for h in record["history"] if "adaptation_gap" in h]
+    gaps = [statistics.mean(h["adaptation_gap"]) for h in record.get("history", []) if "adaptation_gap" in h]
     return statistics.mean(gaps[-max(1, len(gaps) // 5) :]) if gaps else None
 
 

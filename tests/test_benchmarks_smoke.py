@@ -95,6 +95,12 @@ def test_the_summary_gives_the_best_common_adaptation_and_matched_apart():
     cells = [dict(zip(header.split(" | "), row.split(" | "), strict=True)) for row in (pgd_at, meta_so)]
     assert [c["union best@8"] for c in cells] == ["40.0", "50.0"]  # bn for pgd_at, sgd for meta_so: not matched
     assert [c["union matched@8"] for c in cells] == ["–", "90.0"]
+    assert "inner-loop gain" not in header  # no run logged the adaptation gap
+    logged = record("meta_so", 0.5, 0.3, matched=0.9)
+    logged["history"] = [{"adaptation_gap": [g, g]} for g in (0.5, 0.0, 0.0, 0.0, 0.1)]  # the last fifth: 0.1
+    header, _, _, meta_so = heldout.summarize([record("pgd_at", 0.2, 0.4), logged]).splitlines()[:4]
+    cells = [c.strip() for c in header.strip("|").split("|")], [c.strip() for c in meta_so.strip("|").split("|")]
+    assert dict(zip(*cells, strict=True))["inner-loop gain (points)"] == "10.0"
 
 
 def test_the_validation_split_is_held_out_of_training_and_meta_runs_get_their_own_inner_loop():
