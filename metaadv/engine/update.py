@@ -13,7 +13,6 @@ skips the same bad one, and the run is bit for bit the one checked at every step
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -71,7 +70,7 @@ class Window:
     def __init__(self, trainable: Trainable, step: StepFn, state: Mapping[str, Any],
                  clock: Callable[[], float]) -> None:  # fmt: skip
         self.trainable, self.step, self.state, self.clock = trainable, step, state, clock
-        self.saved = {name: copy.deepcopy(obj.state_dict()) for name, obj in state.items()}
+        self.saved = snapshot(state)
         self.rng = ckpt.capture_rng()
         self.pending: list[_Pending] = []
 
@@ -100,8 +99,7 @@ class Window:
             for row, p in zip(rows, self.pending, strict=True):
                 yield p.index, p.seconds, _record(row, p.out, False)
             return
-        for name, obj in self.state.items():
-            obj.load_state_dict(self.saved[name])  # the window ends here: its copies are not needed again
+        restore(self.state, self.saved)  # the window ends here: its copies are not needed again
         ckpt.restore_rng(self.rng)
         for p in self.pending:
             record = apply_step(self.trainable, self.step, x[p.batch], y[p.batch], p.index)
