@@ -12,9 +12,10 @@ split. Each trained model is attacked white-box in eval mode (held-out attacks, 
 sweep), adapted few-shot with the attack re-run against the adapted model (docs/adaptation.md): at each shot
 count "sgd" and "bn_sgd" with (steps, lr) chosen on the validation split from the ``tune`` grid, "bn" and
 "bn_mix" for every method, "matched" (its own inner loop) for meta methods, "task_bn" for runs with per-type
-statistics; and checked for the sanity conditions of Carlini et al. 2019. One JSON per (method, seed) goes
-to --out; a markdown summary of every JSON in --out is printed and saved. A run whose JSON exists is skipped,
-so an interrupted benchmark resumes where it stopped (--overwrite reruns it).
+statistics; attacked zero-shot by the protocol's ``reference_attacks`` (AutoAttack: stronger, too costly to
+re-run after every adaptation); and checked for the sanity conditions of Carlini et al. 2019. One JSON per
+(method, seed) goes to --out; a markdown summary of every JSON in --out is printed and saved. A run whose JSON
+exists is skipped, so an interrupted benchmark resumes where it stopped (--overwrite reruns it).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ def load_protocol(path: Path, quick: bool) -> dict[str, Any]:
     specs = [
         *protocol["train_attacks"],
         *protocol["held_out"],
+        *protocol.get("reference_attacks", []),
         protocol["unbounded"],
         protocol["white_box"],
         protocol["black_box"],
@@ -212,6 +214,7 @@ def run_one(method: str, protocol: dict, seed: int, device: str, out: Path) -> d
     record = {
         "protocol": protocol["name"], "method": method, "seed": seed, "train_seconds": result.seconds,
         "heldout": heldout.to_dict(), "train_attacks": trained_on.to_dict(), "adapted": adapted,
+        **reference(model, test, protocol, opts),
         "validation": {"examples": len(val[1]), "held_out_of": "the training data"},
         "sanity": sanity(model, test, protocol, seed),
         "eval_seconds": time.perf_counter() - t_eval, "tune_seconds": tune_seconds,
@@ -223,6 +226,15 @@ def run_one(method: str, protocol: dict, seed: int, device: str, out: Path) -> d
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{method}_seed{seed}.json").write_text(json.dumps(record, indent=1))
     return record
+
+
+def reference(model: torch.nn.Module, test: Any, protocol: dict, opts: dict[str, Any]) -> dict[str, Any]:
+    """``{"reference": report}``: the model zero-shot under the protocol's ``reference_attacks`` (stronger,
+    independent ones such as AutoAttack, too costly to re-run after every adaptation) on the same test digits as
+    the held-out attacks; ``{}`` when the protocol names none."""
+    if not protocol.get("reference_attacks"):
+        return {}
+    return {"reference": ma.evaluate(model, test, protocol["reference_attacks"], **opts).to_dict()}
 
 
 def few_shot(method: str, protocol: dict, result: ma.TrainResult, val: Any, test: Any, seed: int, device: str,
@@ -271,13 +283,15 @@ def summarize(records: list[dict[str, Any]]) -> str:
     every one at once) can be ~0 for every method, and the mean still ranks them. "best@s" is, per run, the
     best of the adaptations every method gets (``COMMON``; union and mean each maximized on the test digits, so
     optimistic alike for every method); "matched@s", a meta method's own inner loop, stays outside it.
-    "inner-loop gain": runs that log the adaptation gap, its mean over the last fifth of training.
+    "inner-loop gain": runs that log the adaptation gap, its mean over the last fifth of training. "reference":
+    zero-shot under the protocol's ``reference_attacks`` (AutoAttack, ...) on the same test digits.
     """
     methods = list(dict.fromkeys(r["method"] for r in records))
     shots = sorted({int(s) for r in records for s in r["adapted"]})
     attacks = records[0]["heldout"]["attacks"]
     head = ["method", "clean", *[f"`{a}`" for a in attacks], "**held-out union**", "held-out mean"]
-    head += ["train-attack union"]
+    refs = list(dict.fromkeys(a for r in records for a in r.get("reference", {}).get("attacks", [])))
+    head += [*(f"reference `{a}`" for a in refs), *(["reference union"] if refs else []), "train-attack union"]
     ran = {m for r in records for a in r["adapted"].values() for m in a["adapted_union"]}
     how = [m for m in (*COMMON, "task_bn") if m in ran] + (["best"] if ran & set(COMMON) else [])
     how += ["matched"] if "matched" in ran else []
@@ -291,6 +305,10 @@ def summarize(records: list[dict[str, Any]]) -> str:
         row += [mean_std([r["heldout"]["per_attack"][a] for r in rs]) for a in attacks]
         row += [f"**{mean_std([r['heldout']['union_acc'] for r in rs])}**"]
         row += [mean_std([statistics.mean(r["heldout"]["per_attack"].values()) for r in rs])]
+        for key in [*refs, "union"] if refs else []:
+            got = [r["reference"]["union_acc" if key == "union" else "per_attack"] for r in rs if "reference" in r]
+            got = [g if key == "union" else g[key] for g in got if key == "union" or key in g]
+            row.append(mean_std(got) if got else "–")
         row += [mean_std([r["train_attacks"]["union_acc"] for r in rs])]
         for s in shots:
             for m in how:

@@ -34,10 +34,13 @@ TINY = {
 
 @pytest.mark.slow
 def test_heldout_pipeline_writes_results_summary_and_figures(tmp_path):
-    protocol = {**heldout.load_protocol(heldout.DEFAULT_PROTOCOL, quick=True), **TINY}
+    reference = ["torchattacks:APGD(eps=2.0, norm='L2', steps=3)"]  # AutoAttack in the converged protocols
+    protocol = {**heldout.load_protocol(heldout.DEFAULT_PROTOCOL, quick=True), **TINY, "reference_attacks": reference}
     records = [heldout.run_one(m, protocol, 0, "cpu", tmp_path) for m in ("erm", "pgd_at", "meta_so")]
     saved = json.loads((tmp_path / "meta_so_seed0.json").read_text())
     assert saved["method"] == "meta_so" and saved["heldout"]["attacks"] == records[2]["heldout"]["attacks"]
+    assert saved["reference"]["n_examples"] == saved["heldout"]["n_examples"]  # the same test digits, zero-shot
+    assert len(saved["reference"]["attacks"]) == 1 and 0 <= saved["reference"]["union_acc"] <= 1
     assert set(saved["adapted"]["4"]["adapted_union"]) == {"sgd", "bn", "bn_mix", "bn_sgd", "matched"}
     assert set(records[0]["adapted"]["4"]["adapted_union"]) == {"sgd", "bn", "bn_mix", "bn_sgd"}  # erm: no matched
     assert saved["adapted"]["4"]["matched"]["steps"] == protocol["meta"].get("inner_steps", 1)
@@ -52,6 +55,7 @@ def test_heldout_pipeline_writes_results_summary_and_figures(tmp_path):
     table = heldout.summarize(records)
     assert all(m in table for m in ("erm", "pgd_at", "meta_so")) and "held-out union" in table
     assert all(f"union {m}@4" in table for m in ("sgd", "bn_mix", "bn_sgd", "best", "matched"))
+    assert "reference union" in table
     assert [r["method"] for r in heldout.load_records(tmp_path)] == ["erm", "pgd_at", "meta_so"]  # protocol order
 
     written = plots.plot_folder(tmp_path, tmp_path / "figures")
@@ -77,6 +81,23 @@ def test_the_summary_reports_the_mean_over_held_out_attacks_next_to_the_union():
     assert cells["held-out mean"] == "50.0 ± 14.1"  # (0.4, 0.6) over seeds
     assert cells["union bn@8"] == "10.0 ± 0.0" and cells["mean bn@8"] == "50.0 ± 14.1"
     assert cells["union best@8"] == cells["union bn@8"] and "matched@8" not in table  # best of what ran
+
+
+def test_the_summary_gives_the_reference_attacks_beside_the_held_out_ones_and_a_dash_where_a_run_has_none():
+    def record(seed, reference=None):
+        return {
+            "method": "m", "seed": seed, "train_seconds": 1.0, "sanity": {"warnings": []}, "adapted": {},
+            "heldout": {"attacks": ["a"], "per_attack": {"a": 0.5}, "clean_acc": 0.9, "union_acc": 0.5},
+            "train_attacks": {"union_acc": 0.3},
+            **({"reference": reference} if reference else {}),
+        }  # fmt: skip
+
+    aa = {"attacks": ["aa"], "per_attack": {"aa": 0.4}, "union_acc": 0.4}
+    header, _, row = heldout.summarize([record(0, aa), record(1)]).splitlines()[:3]
+    cells = dict(zip(header.split(" | "), row.split(" | "), strict=True))
+    assert cells["reference `aa`"] == cells["reference union"] == "40.0"  # the one run that has it
+    header, _, row = heldout.summarize([record(0)]).splitlines()[:3]
+    assert "reference" not in header
 
 
 def test_the_summary_gives_the_best_common_adaptation_and_matched_apart():
