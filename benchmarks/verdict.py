@@ -1,0 +1,113 @@
+"""The adaptation question, answered from the converged runs (docs/adaptation.md): does a meta-trained
+variant, adapted with its own inner loop ("matched"), beat the best baseline with its best adaptation?
+
+    python benchmarks/verdict.py                                        # every benchmarks/results/converged_*
+    python benchmarks/verdict.py benchmarks/results/converged_leave_out_l2
+
+Per protocol, shot count and score (held-out union, held-out mean): the best baseline is the baseline method
+with the highest mean over seeds of its best adaptation (``best@s``: the best of sgd, bn, bn_mix, bn_sgd, as in
+heldout.py's summary); zero-shot, of its held-out score. Each meta method's lead over it is taken seed by seed
+(same seed, same test digits), in points. A meta method "wins" a row when it leads by at least ``--margin``
+points on every seed both ran. Training time is the meta method's over the best baseline's (mean over seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+from typing import Any
+
+from heldout import ROOT, adapted_scores, load_records, plan
+
+from metaadv.training_methods import get
+
+__all__ = ["leads", "score", "verdict_table"]
+SCORES = ("union", "mean")
+
+
+def score(record: dict[str, Any], shots: int, how: str, kind: str) -> float | None:
+    """A run's held-out ``kind`` ("union" or "mean", in [0, 1]): zero-shot at ``shots`` 0, else adaptation
+    ``how`` ("best", "matched", ...) at ``shots``; None where it did not run."""
+    if shots == 0:
+        heldout = record["heldout"]
+        return heldout["union_acc"] if kind == "union" else statistics.mean(heldout["per_attack"].values())
+    scores = adapted_scores(record["adapted"].get(str(shots), {}), how)
+    return None if scores is None else scores[SCORES.index(kind)]
+
+
+def is_meta(record: dict[str, Any]) -> bool:
+    return get(plan(record["method"], record["config"])[0]).meta
+
+
+def by_seed(records: list[dict[str, Any]], method: str, shots: int, how: str, kind: str) -> dict[int, float]:
+    got = {r["seed"]: score(r, shots, how, kind) for r in records if r["method"] == method}
+    return {seed: value for seed, value in got.items() if value is not None}
+
+
+def leads(records: list[dict[str, Any]], shots: int, kind: str) -> list[dict[str, Any]]:
+    """One entry per meta method: the best baseline (name, its scores by seed), the meta method's matched scores
+    by seed (zero-shot at ``shots`` 0) and its lead over the baseline per seed, in points."""
+    baselines = list(dict.fromkeys(r["method"] for r in records if not is_meta(r)))
+    metas = list(dict.fromkeys(r["method"] for r in records if is_meta(r)))
+    scored = {b: by_seed(records, b, shots, "best", kind) for b in baselines}
+    scored = {b: s for b, s in scored.items() if s}
+    if not scored:
+        return []
+    best = max(scored, key=lambda b: statistics.mean(scored[b].values()))
+    out = []
+    for method in metas:
+        own = by_seed(records, method, shots, "matched", kind)
+        common = sorted(own.keys() & scored[best].keys())
+        if not common:
+            continue
+        out.append({"method": method, "baseline": best, "baseline_scores": scored[best], "scores": own,
+                    "leads": {s: 100 * (own[s] - scored[best][s]) for s in common},
+                    "time_ratio": train_time(records, method) / train_time(records, best)})  # fmt: skip
+    return out
+
+
+def train_time(records: list[dict[str, Any]], method: str) -> float:
+    return statistics.mean(r["train_seconds"] for r in records if r["method"] == method)
+
+
+def points(values: list[float], scale: float = 100.0) -> str:
+    m = statistics.mean(values) * scale
+    return f"{m:.1f} ± {statistics.stdev(values) * scale:.1f}" if len(values) > 1 else f"{m:.1f}"
+
+
+def verdict_table(records: list[dict[str, Any]], margin: float = 3.0) -> str:
+    """Markdown: one row per (shots, score, meta method), accuracies in %, leads in points."""
+    shots = [0, *sorted({int(s) for r in records for s in r["adapted"]})]
+    head = ["shots", "score", "best baseline (its best adaptation)", "meta method (matched)", "lead per seed",
+            "mean lead", f"wins (≥{margin:g} on every seed)", "train time / baseline's"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in shots:
+        for kind in SCORES:
+            for row in leads(records, s, kind):
+                lead = list(row["leads"].values())
+                lines.append("| " + " | ".join([
+                    "zero-shot" if s == 0 else str(s), kind,
+                    f"{row['baseline']} {points(list(row['baseline_scores'].values()))}",
+                    f"{row['method']} {points(list(row['scores'].values()))}",
+                    ", ".join(f"{v:+.1f}" for v in lead), points(lead, 1.0),
+                    "yes" if min(lead) >= margin else "no", f"{row['time_ratio']:.2f}x",
+                ]) + " |")  # fmt: skip
+    seeds = sorted({r["seed"] for r in records})
+    return "\n".join([*lines, "", f"{len(records)} runs, seeds {seeds}; zero-shot rows compare held-out scores."])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("folders", type=Path, nargs="*", help="default: every benchmarks/results/converged_* folder")
+    p.add_argument("--margin", type=float, default=3.0, help="the lead in points a win needs on every seed")
+    args = p.parse_args()
+    folders = args.folders or sorted((ROOT / "benchmarks" / "results").glob("converged_*"))
+    for folder in folders:
+        records = load_records(folder)
+        if records:
+            print(f"## {folder.name}\n\n{verdict_table(records, args.margin)}\n")
+
+
+if __name__ == "__main__":
+    main()

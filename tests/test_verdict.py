@@ -1,0 +1,44 @@
+"""benchmarks/verdict.py: the adaptation question answered from a results folder, seed by seed."""
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import verdict  # noqa: E402
+
+CONFIG = {"methods": ["pgd_at", "avg", "meta_so"], "train_attacks": ["a"], "pgd_at_attack": "a", "meta": {}}
+
+
+def record(method, seed, zero_shot, best, matched=None, seconds=100.0):
+    """A run whose held-out union and mean are ``zero_shot`` and whose best common adaptation at 8 shots is
+    ``best`` (bn), with its matched adaptation where given."""
+    at = {"adapted": {"bn": {"a": best}}, "adapted_union": {"bn": best}}
+    if matched is not None:
+        at["adapted"]["matched"], at["adapted_union"]["matched"] = {"a": matched}, matched
+    return {"method": method, "seed": seed, "config": CONFIG, "train_seconds": seconds, "adapted": {"8": at},
+            "heldout": {"per_attack": {"a": zero_shot}, "union_acc": zero_shot}}  # fmt: skip
+
+
+RECORDS = [
+    record("pgd_at", 0, 0.60, 0.62), record("pgd_at", 1, 0.58, 0.61),
+    record("avg", 0, 0.70, 0.70, seconds=200.0), record("avg", 1, 0.72, 0.72, seconds=200.0),
+    record("meta_so", 0, 0.71, 0.90, matched=0.75), record("meta_so", 1, 0.70, 0.90, matched=0.74),
+]  # fmt: skip
+
+
+def test_the_meta_method_is_judged_by_its_own_inner_loop_against_the_best_baselines_best_adaptation():
+    (row,) = verdict.leads(RECORDS, 8, "union")
+    assert row["baseline"] == "avg"  # the highest mean best@8 of the baselines
+    assert row["scores"] == {0: 0.75, 1: 0.74}  # matched, not its best common adaptation (0.90)
+    assert {s: round(v, 6) for s, v in row["leads"].items()} == {0: 5.0, 1: 2.0}
+    assert row["time_ratio"] == 0.5
+
+
+def test_a_win_needs_the_margin_on_every_seed_and_zero_shot_compares_the_held_out_scores():
+    table = verdict.verdict_table(RECORDS, margin=3.0)
+    rows = {tuple(c.strip() for c in line.strip("|").split("|")[:2]): line for line in table.splitlines()[2:8]}
+    assert "+5.0, +2.0" in rows[("8", "union")] and "| 3.5 ± 2.1 | no |" in rows[("8", "union")]
+    assert "| yes |" in verdict.verdict_table(RECORDS, margin=2.0).splitlines()[4]  # 8 shots, union: both >= 2
+    assert "+1.0, -2.0" in rows[("zero-shot", "union")]  # meta_so 71/70 against avg 70/72
+    assert "avg 71.0 ± 1.4" in rows[("zero-shot", "mean")]
