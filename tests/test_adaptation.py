@@ -220,6 +220,17 @@ def test_tuning_keeps_the_unadapted_model_on_a_tie_and_bn_sgd_starts_from_bn():
     assert bn_sgd.scores[(0, None)] == bn.adapted["bn"]["none"]
 
 
+def test_an_adaptation_that_blows_up_classifies_nothing_and_tuning_passes_it_over(caplog):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(SIDE * SIDE, 16), nn.ReLU(), nn.Linear(16, K)).eval()
+    (x, y), attack = hot_pixels(), "pgd_l2(eps=0.5, steps=3)"  # its gradient on a non-finite model is NaN
+    report = evaluate(model, (x, y), [attack], adapt_shots=SHOTS, adapt_methods=("sgd",), finetune={"sgd": (3, 1e19)})
+    assert list(report.adapted["sgd"].values()) == list(report.adapted_clean["sgd"].values()) == [0.0]
+    assert "not finite" in caplog.text
+    tuned = tune_finetuning(model, (x, y), [attack], SHOTS, {"steps": [3], "lr": [0.5, 1e19]}, n_examples=24)
+    assert tuned.scores[(3, 1e19)] == 0.0 and (tuned.steps, tuned.lr) != (3, 1e19)
+
+
 @pytest.mark.parametrize(
     ("grid", "method", "match"),
     [({"steps": [0], "lr": [0.01]}, "sgd", "steps"), ({"steps": [1]}, "sgd", "keys 'steps' and 'lr'"),

@@ -52,9 +52,13 @@ def _batches(x: Tensor, y: Tensor, batch_size: int) -> zip:
 
 
 def correct(fn: ModelFn, x: Tensor, y: Tensor, batch_size: int) -> Tensor:
-    """Per-example correctness (N,) bool."""
+    """Per-example correctness (N,) bool; an example whose logits are not all finite is misclassified."""
     with torch.no_grad():
-        return torch.cat([fn(xb).argmax(1) == yb for xb, yb in _batches(x, y, batch_size)])
+        return torch.cat([_right(fn(xb), yb) for xb, yb in _batches(x, y, batch_size)])
+
+
+def _right(logits: Tensor, y: Tensor) -> Tensor:
+    return (logits.argmax(1) == y) & logits.isfinite().all(1)
 
 
 def craft(atk: Callable[..., Tensor], spec: str, fn: ModelFn, x: Tensor, y: Tensor, batch_size: int) -> Tensor:

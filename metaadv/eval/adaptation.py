@@ -74,12 +74,23 @@ def adapted_results(
             how = {**opts, **changes}
             fn_a = adapted_model(method, model, params, buffers, x_adv_s, y_s, spec=spec, code=code, **how)
             clean_a = correct(fn_a, x, y, opts["batch_size"])
-            mask = attack_correct(atk, spec, fn_a, x, y, opts["batch_size"], seed)  # white-box, adapted
+            if diverged(fn_a, x, opts["batch_size"]):  # no gradient to attack: it classifies nothing
+                logger.warning("%s@%d %s: the adapted model's outputs are not finite (0%%)", name, len(y_s), spec)
+                mask = torch.zeros_like(clean_a)
+            else:
+                mask = attack_correct(atk, spec, fn_a, x, y, opts["batch_size"], seed)  # white-box, adapted
             survive[name] &= clean_a & mask
             adapted[name][spec], adapted_clean[name][spec] = frac(mask), frac(clean_a)
             logger.info("%s@%d %s: %.1f%%", name, len(y_s), spec, percent(mask))
             bar.update()
     return adapted, adapted_clean, survive
+
+
+def diverged(fn: ModelFn, x: Tensor, batch_size: int) -> bool:
+    """Whether ``fn``'s logits on ``x`` (N, C, H, W) hold a non-finite value: an adaptation that blew up
+    (fine-tuning at too large a step); it is scored 0% under every attack, and tuning never picks it."""
+    with torch.no_grad():
+        return not all(bool(fn(xb).isfinite().all()) for xb in x.split(batch_size))
 
 
 def check_inner_options(model: nn.Module, lr: object, inner_params: object, proximal: object, step_bn: object) -> None:
