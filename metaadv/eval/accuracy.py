@@ -14,7 +14,7 @@ from .. import attacks as _attacks
 from ..types import ModelFn
 from ..validation import check_images
 
-__all__ = ["attack_correct", "correct", "craft", "frac", "percent", "resolve_attacks"]
+__all__ = ["attack_correct", "correct", "craft", "frac", "logits_of", "percent", "resolve_attacks", "right"]
 
 
 def resolve_attacks(attacks: Any) -> dict[str, Callable[..., Tensor]]:
@@ -51,14 +51,20 @@ def _batches(x: Tensor, y: Tensor, batch_size: int) -> zip:
     return zip(x.split(batch_size), y.split(batch_size), strict=True)
 
 
+def logits_of(fn: ModelFn, x: Tensor, batch_size: int) -> Tensor:
+    """``fn``'s logits (N, classes) on ``x`` (N, C, H, W), in batches, without gradient."""
+    with torch.no_grad():
+        return torch.cat([fn(xb) for xb in x.split(batch_size)])
+
+
+def right(logits: Tensor, y: Tensor) -> Tensor:
+    """Per-example correctness (N,) bool of ``logits`` (N, classes); non-finite logits are misclassified."""
+    return (logits.argmax(1) == y) & logits.isfinite().all(1)
+
+
 def correct(fn: ModelFn, x: Tensor, y: Tensor, batch_size: int) -> Tensor:
     """Per-example correctness (N,) bool; an example whose logits are not all finite is misclassified."""
-    with torch.no_grad():
-        return torch.cat([_right(fn(xb), yb) for xb, yb in _batches(x, y, batch_size)])
-
-
-def _right(logits: Tensor, y: Tensor) -> Tensor:
-    return (logits.argmax(1) == y) & logits.isfinite().all(1)
+    return right(logits_of(fn, x, batch_size), y)
 
 
 def craft(atk: Callable[..., Tensor], spec: str, fn: ModelFn, x: Tensor, y: Tensor, batch_size: int) -> Tensor:

@@ -19,7 +19,7 @@ from ..meta.options.step_bn import StepBatchNorm
 from ..meta.options.task_bn import TaskBatchNorm
 from ..types import ModelFn, Params
 from ..validation import check_positive
-from .accuracy import attack_correct, correct, craft, frac, percent
+from .accuracy import attack_correct, craft, frac, logits_of, percent, right
 from .matched import matched_model
 
 __all__ = [
@@ -73,8 +73,9 @@ def adapted_results(
         for name, (method, changes) in plans.items():
             how = {**opts, **changes}
             fn_a = adapted_model(method, model, params, buffers, x_adv_s, y_s, spec=spec, code=code, **how)
-            clean_a = correct(fn_a, x, y, opts["batch_size"])
-            if diverged(fn_a, x, opts["batch_size"]):  # no gradient to attack: it classifies nothing
+            logits = logits_of(fn_a, x, opts["batch_size"])
+            clean_a = right(logits, y)
+            if not logits.isfinite().all():  # it blew up (too large a step): no gradient to attack, 0%
                 logger.warning("%s@%d %s: the adapted model's outputs are not finite (0%%)", name, len(y_s), spec)
                 mask = torch.zeros_like(clean_a)
             else:
@@ -84,13 +85,6 @@ def adapted_results(
             logger.info("%s@%d %s: %.1f%%", name, len(y_s), spec, percent(mask))
             bar.update()
     return adapted, adapted_clean, survive
-
-
-def diverged(fn: ModelFn, x: Tensor, batch_size: int) -> bool:
-    """Whether ``fn``'s logits on ``x`` (N, C, H, W) hold a non-finite value: an adaptation that blew up
-    (fine-tuning at too large a step); it is scored 0% under every attack, and tuning never picks it."""
-    with torch.no_grad():
-        return not all(bool(fn(xb).isfinite().all()) for xb in x.split(batch_size))
 
 
 def check_inner_options(model: nn.Module, lr: object, inner_params: object, proximal: object, step_bn: object) -> None:
