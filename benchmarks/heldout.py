@@ -261,7 +261,7 @@ def adaptations(method: str, protocol: dict, result: ma.TrainResult, seed: int, 
     """``evaluate``'s adaptation settings for a trained run: the common adaptations; a meta method's own inner
     loop ("matched"); a run with per-type BatchNorm statistics (MetaConfig.task_bn) also the nearest type's."""
     methods, settings = list(COMMON), {}
-    if get(plan(method, protocol)[0]).meta:
+    if is_meta(method, protocol):
         config = training_config(method, protocol, seed, device)
         methods.append("matched")
         settings["inner_loop"] = InnerLoopSpec.from_config(config, result.artifacts)
@@ -271,9 +271,15 @@ def adaptations(method: str, protocol: dict, result: ma.TrainResult, seed: int, 
     return {"adapt_methods": tuple(methods), **settings}
 
 
-def mean_std(values: list[float]) -> str:
-    m = 100 * statistics.mean(values)
-    return f"{m:.1f} ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else f"{m:.1f}"
+def mean_std(values: list[float], scale: float = 100.0) -> str:
+    """``"mean ± std"`` of ``values`` times ``scale`` (fractions to %), one decimal; the mean alone for one value."""
+    m = scale * statistics.mean(values)
+    return f"{m:.1f} ± {scale * statistics.stdev(values):.1f}" if len(values) > 1 else f"{m:.1f}"
+
+
+def is_meta(method: str, protocol: dict[str, Any]) -> bool:
+    """Whether the protocol's method ``method`` (see :func:`plan`) is meta-trained."""
+    return get(plan(method, protocol)[0]).meta
 
 
 def summarize(records: list[dict[str, Any]]) -> str:
@@ -305,10 +311,10 @@ def summarize(records: list[dict[str, Any]]) -> str:
         row += [mean_std([r["heldout"]["per_attack"][a] for r in rs]) for a in attacks]
         row += [f"**{mean_std([r['heldout']['union_acc'] for r in rs])}**"]
         row += [mean_std([statistics.mean(r["heldout"]["per_attack"].values()) for r in rs])]
-        for key in [*refs, "union"] if refs else []:
-            got = [r["reference"]["union_acc" if key == "union" else "per_attack"] for r in rs if "reference" in r]
-            got = [g if key == "union" else g[key] for g in got if key == "union" or key in g]
+        ref = [r["reference"] for r in rs if "reference" in r]
+        for got in [[x["per_attack"][a] for x in ref if a in x["per_attack"]] for a in refs]:
             row.append(mean_std(got) if got else "–")
+        row += [(mean_std([x["union_acc"] for x in ref]) if ref else "–")] if refs else []
         row += [mean_std([r["train_attacks"]["union_acc"] for r in rs])]
         for s in shots:
             for m in how:

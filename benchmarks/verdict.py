@@ -18,9 +18,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from heldout import ROOT, adapted_scores, load_records, plan
-
-from metaadv.training_methods import get
+from heldout import ROOT, adapted_scores, is_meta, load_records, mean_std
 
 __all__ = ["leads", "score", "verdict_table"]
 SCORES = ("union", "mean")
@@ -36,10 +34,6 @@ def score(record: dict[str, Any], shots: int, how: str, kind: str) -> float | No
     return None if scores is None else scores[SCORES.index(kind)]
 
 
-def is_meta(record: dict[str, Any]) -> bool:
-    return get(plan(record["method"], record["config"])[0]).meta
-
-
 def by_seed(records: list[dict[str, Any]], method: str, shots: int, how: str, kind: str) -> dict[int, float]:
     got = {r["seed"]: score(r, shots, how, kind) for r in records if r["method"] == method}
     return {seed: value for seed, value in got.items() if value is not None}
@@ -48,8 +42,8 @@ def by_seed(records: list[dict[str, Any]], method: str, shots: int, how: str, ki
 def leads(records: list[dict[str, Any]], shots: int, kind: str) -> list[dict[str, Any]]:
     """One entry per meta method: the best baseline (name, its scores by seed), the meta method's matched scores
     by seed (zero-shot at ``shots`` 0) and its lead over the baseline per seed, in points."""
-    baselines = list(dict.fromkeys(r["method"] for r in records if not is_meta(r)))
-    metas = list(dict.fromkeys(r["method"] for r in records if is_meta(r)))
+    meta = {r["method"]: is_meta(r["method"], r["config"]) for r in records}
+    baselines, metas = [m for m, is_it in meta.items() if not is_it], [m for m, is_it in meta.items() if is_it]
     scored = {b: by_seed(records, b, shots, "best", kind) for b in baselines}
     scored = {b: s for b, s in scored.items() if s}
     if not scored:
@@ -71,11 +65,6 @@ def train_time(records: list[dict[str, Any]], method: str) -> float:
     return statistics.mean(r["train_seconds"] for r in records if r["method"] == method)
 
 
-def points(values: list[float], scale: float = 100.0) -> str:
-    m = statistics.mean(values) * scale
-    return f"{m:.1f} ± {statistics.stdev(values) * scale:.1f}" if len(values) > 1 else f"{m:.1f}"
-
-
 def verdict_table(records: list[dict[str, Any]], margin: float = 3.0) -> str:
     """Markdown: one row per (shots, score, meta method), accuracies in %, leads in points."""
     shots = [0, *sorted({int(s) for r in records for s in r["adapted"]})]
@@ -88,9 +77,9 @@ def verdict_table(records: list[dict[str, Any]], margin: float = 3.0) -> str:
                 lead = list(row["leads"].values())
                 lines.append("| " + " | ".join([
                     "zero-shot" if s == 0 else str(s), kind,
-                    f"{row['baseline']} {points(list(row['baseline_scores'].values()))}",
-                    f"{row['method']} {points(list(row['scores'].values()))}",
-                    ", ".join(f"{v:+.1f}" for v in lead), points(lead, 1.0),
+                    f"{row['baseline']} {mean_std(list(row['baseline_scores'].values()))}",
+                    f"{row['method']} {mean_std(list(row['scores'].values()))}",
+                    ", ".join(f"{v:+.1f}" for v in lead), mean_std(lead, 1.0),
                     "yes" if min(lead) >= margin else "no", f"{row['time_ratio']:.2f}x",
                 ]) + " |")  # fmt: skip
     seeds = sorted({r["seed"] for r in records})
