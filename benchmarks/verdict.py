@@ -4,6 +4,8 @@ variant, adapted with its own inner loop ("matched"), beat the best baseline wit
     python benchmarks/verdict.py                                        # every benchmarks/results/converged_*
     python benchmarks/verdict.py benchmarks/results/converged_leave_out_l2
 
+Each folder gets two tables: every method's scores (mean ± std over seeds; docs/adaptation.md's results tables)
+and the leads below.
 Per protocol, shot count and score (held-out union, held-out mean): the best baseline is the baseline method
 with the highest mean over seeds of its best adaptation (``best@s``: the best of sgd, bn, bn_mix, bn_sgd, as in
 heldout.py's summary); zero-shot, of its held-out score. Each meta method's lead over it is taken seed by seed
@@ -20,7 +22,7 @@ from typing import Any
 
 from heldout import ROOT, adapted_scores, is_meta, load_records, mean_std
 
-__all__ = ["leads", "score", "verdict_table"]
+__all__ = ["leads", "results_table", "score", "verdict_table"]
 SCORES = ("union", "mean")
 
 
@@ -65,6 +67,32 @@ def train_time(records: list[dict[str, Any]], method: str) -> float:
     return statistics.mean(r["train_seconds"] for r in records if r["method"] == method)
 
 
+def results_table(records: list[dict[str, Any]]) -> str:
+    """Markdown: one row per method, in %, mean ± std over seeds: clean, held-out union / mean zero-shot, the
+    reference attacks' union (AutoAttack; zero-shot), best and matched at every shot count, training seconds."""
+    shots = sorted({int(s) for r in records for s in r["adapted"]})
+    head = ["method", "seeds", "clean", "zero-shot", "reference", *[f"{h}@{s}" for s in shots for h in
+            ("best", "matched")], "train (s)"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for method in dict.fromkeys(r["method"] for r in records):
+        rs = [r for r in records if r["method"] == method]
+        ref = [r["reference"]["union_acc"] for r in rs if r.get("reference")]
+        row = [f"`{method}`", str(len(rs)), mean_std([r["heldout"]["clean_acc"] for r in rs]),
+               pair(rs, 0, "best"), mean_std(ref) if ref else "–"]  # fmt: skip
+        row += [pair(rs, s, how) for s in shots for how in ("best", "matched")]
+        t = [r["train_seconds"] for r in rs]
+        row.append(f"{statistics.mean(t):.0f}" + (f" ± {statistics.stdev(t):.0f}" if len(t) > 1 else ""))
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def pair(records: list[dict[str, Any]], shots: int, how: str) -> str:
+    """``"union / mean"`` (each mean ± std over the runs, in %) of adaptation ``how``; "–" where none ran."""
+    got = [(u, m) for r in records if (u := score(r, shots, how, "union")) is not None
+           and (m := score(r, shots, how, "mean")) is not None]  # fmt: skip
+    return f"{mean_std([u for u, _ in got])} / {mean_std([m for _, m in got])}" if got else "–"
+
+
 def verdict_table(records: list[dict[str, Any]], margin: float = 3.0) -> str:
     """Markdown: one row per (shots, score, meta method), accuracies in %, leads in points."""
     shots = [0, *sorted({int(s) for r in records for s in r["adapted"]})]
@@ -95,7 +123,7 @@ def main() -> None:
     for folder in folders:
         records = load_records(folder)
         if records:
-            print(f"## {folder.name}\n\n{verdict_table(records, args.margin)}\n")
+            print(f"## {folder.name}\n\n{results_table(records)}\n\n{verdict_table(records, args.margin)}\n")
 
 
 if __name__ == "__main__":

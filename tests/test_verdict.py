@@ -17,7 +17,7 @@ def record(method, seed, zero_shot, best, matched=None, seconds=100.0):
     if matched is not None:
         at["adapted"]["matched"], at["adapted_union"]["matched"] = {"a": matched}, matched
     return {"method": method, "seed": seed, "config": CONFIG, "train_seconds": seconds, "adapted": {"8": at},
-            "heldout": {"per_attack": {"a": zero_shot}, "union_acc": zero_shot}}  # fmt: skip
+            "heldout": {"per_attack": {"a": zero_shot}, "union_acc": zero_shot, "clean_acc": 0.98}}  # fmt: skip
 
 
 RECORDS = [
@@ -42,3 +42,14 @@ def test_a_win_needs_the_margin_on_every_seed_and_zero_shot_compares_the_held_ou
     assert "| yes |" in verdict.verdict_table(RECORDS, margin=2.0).splitlines()[4]  # 8 shots, union: both >= 2
     assert "+1.0, -2.0" in rows[("zero-shot", "union")]  # meta_so 71/70 against avg 70/72
     assert "avg 71.0 ± 1.4" in rows[("zero-shot", "mean")]
+
+
+def test_the_results_table_gives_every_method_mean_and_std_over_seeds_and_no_matched_score_to_a_baseline():
+    rows = {line.split("|")[1].strip(): line for line in verdict.results_table(RECORDS).splitlines()[2:]}
+    assert list(rows) == ["`pgd_at`", "`avg`", "`meta_so`"]
+    cells = [c.strip() for c in rows["`meta_so`"].strip("|").split("|")]
+    assert cells[1:3] == ["2", "98.0 ± 0.0"]  # seeds, clean
+    assert cells[3] == "70.5 ± 0.7 / 70.5 ± 0.7"  # zero-shot union / mean
+    assert cells[5:7] == ["90.0 ± 0.0 / 90.0 ± 0.0", "74.5 ± 0.7 / 74.5 ± 0.7"]  # best@8, matched@8
+    assert cells[4] == "–"  # no reference attacks ran
+    assert [c.strip() for c in rows["`avg`"].strip("|").split("|")][6:] == ["–", "200 ± 0"]
