@@ -271,10 +271,11 @@ def adaptations(method: str, protocol: dict, result: ma.TrainResult, seed: int, 
     return {"adapt_methods": tuple(methods), **settings}
 
 
-def mean_std(values: list[float], scale: float = 100.0) -> str:
-    """``"mean ± std"`` of ``values`` times ``scale`` (fractions to %), one decimal; the mean alone for one value."""
+def mean_std(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
+    """``"mean ± std"`` of ``values`` times ``scale`` (fractions to %), ``digits`` decimals; the mean alone for
+    one value."""
     m = scale * statistics.mean(values)
-    return f"{m:.1f} ± {scale * statistics.stdev(values):.1f}" if len(values) > 1 else f"{m:.1f}"
+    return f"{m:.{digits}f} ± {scale * statistics.stdev(values):.{digits}f}" if len(values) > 1 else f"{m:.{digits}f}"
 
 
 def is_meta(method: str, protocol: dict[str, Any]) -> bool:
@@ -320,8 +321,7 @@ def summarize(records: list[dict[str, Any]]) -> str:
             for m in how:
                 scores = [x for r in rs if (x := adapted_scores(r["adapted"].get(str(s), {}), m)) is not None]
                 row += [mean_std([x[i] for x in scores]) if scores else "–" for i in (0, 1)]
-        t = [r["train_seconds"] for r in rs]
-        row.append(f"{statistics.mean(t):.0f}" + (f" ± {statistics.stdev(t):.0f}" if len(t) > 1 else ""))
+        row.append(mean_std([r["train_seconds"] for r in rs], 1.0, 0))
         if gaps:
             gain = [g for r in rs if (g := inner_loop_gain(r)) is not None]
             row.append(mean_std(gain) if gain else "–")

@@ -80,8 +80,7 @@ def results_table(records: list[dict[str, Any]]) -> str:
         row = [f"`{method}`", str(len(rs)), mean_std([r["heldout"]["clean_acc"] for r in rs]),
                pair(rs, 0, "best"), mean_std(ref) if ref else "–"]  # fmt: skip
         row += [pair(rs, s, how) for s in shots for how in ("best", "matched")]
-        t = [r["train_seconds"] for r in rs]
-        row.append(f"{statistics.mean(t):.0f}" + (f" ± {statistics.stdev(t):.0f}" if len(t) > 1 else ""))
+        row.append(mean_std([r["train_seconds"] for r in rs], 1.0, 0))
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
