@@ -25,7 +25,6 @@ import dataclasses
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -35,6 +34,7 @@ from typing import Any
 
 import torch
 import yaml
+from report import COMMON, write_summary
 
 import metaadv as ma
 from metaadv.eval import FINETUNE_GRID, InnerLoopSpec, tune_finetuning
@@ -53,7 +53,6 @@ QUICK = {"epochs": 1, "n_examples": 64, "sanity_examples": 48, "shots": [8], "tr
          "tune": {"examples": 48, "steps": [1, 3], "lr": [0.01]}}  # fmt: skip
 # the validation split held out of the training data, and the fine-tuning grid chosen from on it
 TUNE = {"examples": 300, **{k: list(v) for k, v in FINETUNE_GRID.items()}}
-COMMON = ("sgd", "bn", "bn_mix", "bn_sgd")  # the adaptations every method gets; "best" is the best of them
 FINETUNING = ("sgd", "bn_sgd")  # their (steps, lr) chosen on the validation split
 
 
@@ -271,89 +270,9 @@ def adaptations(method: str, protocol: dict, result: ma.TrainResult, seed: int, 
     return {"adapt_methods": tuple(methods), **settings}
 
 
-def mean_std(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
-    """``"mean ± std"`` of ``values`` times ``scale`` (fractions to %), ``digits`` decimals; the mean alone for
-    one value."""
-    m = scale * statistics.mean(values)
-    return f"{m:.{digits}f} ± {scale * statistics.stdev(values):.{digits}f}" if len(values) > 1 else f"{m:.{digits}f}"
-
-
 def is_meta(method: str, protocol: dict[str, Any]) -> bool:
     """Whether the protocol's method ``method`` (see :func:`plan`) is meta-trained."""
     return get(plan(method, protocol)[0]).meta
-
-
-def summarize(records: list[dict[str, Any]]) -> str:
-    """Markdown: one row per method, mean ± std over seeds (accuracy in %, time in seconds).
-
-    "held-out mean" averages the per-attack accuracies: with many held-out families the union (robust to
-    every one at once) can be ~0 for every method, and the mean still ranks them. "best@s" is, per run, the
-    best of the adaptations every method gets (``COMMON``; union and mean each maximized on the test digits, so
-    optimistic alike for every method); "matched@s", a meta method's own inner loop, stays outside it.
-    "inner-loop gain": runs that log the adaptation gap, its mean over the last fifth of training. "reference":
-    zero-shot under the protocol's ``reference_attacks`` (AutoAttack, ...) on the same test digits.
-    """
-    methods = list(dict.fromkeys(r["method"] for r in records))
-    shots = sorted({int(s) for r in records for s in r["adapted"]})
-    attacks = records[0]["heldout"]["attacks"]
-    head = ["method", "clean", *[f"`{a}`" for a in attacks], "**held-out union**", "held-out mean"]
-    refs = list(dict.fromkeys(a for r in records for a in r.get("reference", {}).get("attacks", [])))
-    head += [*(f"reference `{a}`" for a in refs), *(["reference union"] if refs else []), "train-attack union"]
-    ran = {m for r in records for a in r["adapted"].values() for m in a["adapted_union"]}
-    how = [m for m in (*COMMON, "task_bn") if m in ran] + (["best"] if ran & set(COMMON) else [])
-    how += ["matched"] if "matched" in ran else []
-    head += [f"{kind} {m}@{s}" for s in shots for m in how for kind in ("union", "mean")] + ["train time (s)"]
-    gaps = any(inner_loop_gain(r) is not None for r in records)
-    head += ["inner-loop gain (points)"] if gaps else []
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for method in methods:
-        rs = [r for r in records if r["method"] == method]
-        row = [method, mean_std([r["heldout"]["clean_acc"] for r in rs])]
-        row += [mean_std([r["heldout"]["per_attack"][a] for r in rs]) for a in attacks]
-        row += [f"**{mean_std([r['heldout']['union_acc'] for r in rs])}**"]
-        row += [mean_std([statistics.mean(r["heldout"]["per_attack"].values()) for r in rs])]
-        ref = [r["reference"] for r in rs if "reference" in r]
-        for got in [[x["per_attack"][a] for x in ref if a in x["per_attack"]] for a in refs]:
-            row.append(mean_std(got) if got else "–")
-        row += [(mean_std([x["union_acc"] for x in ref]) if ref else "–")] if refs else []
-        row += [mean_std([r["train_attacks"]["union_acc"] for r in rs])]
-        for s in shots:
-            for m in how:
-                scores = [x for r in rs if (x := adapted_scores(r["adapted"].get(str(s), {}), m)) is not None]
-                row += [mean_std([x[i] for x in scores]) if scores else "–" for i in (0, 1)]
-        row.append(mean_std([r["train_seconds"] for r in rs], 1.0, 0))
-        if gaps:
-            gain = [g for r in rs if (g := inner_loop_gain(r)) is not None]
-            row.append(mean_std(gain) if gain else "–")
-        lines.append("| " + " | ".join(row) + " |")
-    warnings = [f"- {r['method']} seed {r['seed']}: {w}" for r in records for w in r["sanity"]["warnings"]]
-    lines += ["", f"{len(records)} runs, seeds {sorted({r['seed'] for r in records})}."]
-    lines += ["", "Sanity checks: " + ("all passed." if not warnings else "warnings:"), *warnings]
-    return "\n".join(lines)
-
-
-def inner_loop_gain(record: dict[str, Any]) -> float | None:
-    """A meta run's adaptation gap over the last fifth of its steps (``MetaConfig.log_adaptation_gap``): the
-    adapted copies' query accuracy minus theta's on the same examples, in [-1, 1]; None if not logged."""
-    gaps = [statistics.mean(h["adaptation_gap"]) for h in record.get("history", []) if "adaptation_gap" in h]
-    return statistics.mean(gaps[-max(1, len(gaps) // 5) :]) if gaps else None
-
-
-def adapted_scores(at_shots: dict[str, Any], how: str) -> tuple[float, float] | None:
-    """(union, mean over attacks) of adaptation ``how`` in a run's entry for one shot count (None: it did not
-    run); ``"best"``: each the best over the common adaptations that ran."""
-    union, per_attack = at_shots.get("adapted_union", {}), at_shots.get("adapted", {})
-    names = [m for m in COMMON if m in union] if how == "best" else [how] if how in union else []
-    if not names:
-        return None
-    return max(union[m] for m in names), max(statistics.mean(per_attack[m].values()) for m in names)
-
-
-def load_records(out: Path) -> list[dict[str, Any]]:
-    """Every run's JSON in ``out``, ordered by seed, then method."""
-    records = [json.loads(f.read_text()) for f in sorted(out.glob("*_seed*.json"))]
-    return sorted(records, key=lambda r: (r["seed"], r["config"]["methods"].index(r["method"])
-                                          if r["method"] in r["config"]["methods"] else 99))  # fmt: skip
 
 
 def run_parallel(args: argparse.Namespace, runs: list[tuple[int, str]], out: Path) -> None:
@@ -431,8 +350,7 @@ def main() -> None:
               f"train {r['train_seconds']:.0f}s (run {time.perf_counter() - t:.0f}s)", flush=True)  # fmt: skip
     if args.no_summary:
         return
-    table = summarize(load_records(out))
-    (out / "summary.md").write_text(f"# {protocol['name']}\n\n{table}\n")
+    table = write_summary(out)
     print(f"\n{table}\n\nwrote {out}/*.json and summary.md")
 
 

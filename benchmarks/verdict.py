@@ -20,7 +20,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from heldout import ROOT, adapted_scores, is_meta, load_records, mean_std
+from heldout import ROOT, is_meta
+from report import adapted_scores, load_records, mean_std
 
 __all__ = ["leads", "results_table", "score", "verdict_table"]
 SCORES = ("union", "mean")

@@ -20,6 +20,7 @@ import heldout  # noqa: E402
 import learning_curves  # noqa: E402
 import method_cost  # noqa: E402
 import plots  # noqa: E402
+import report  # noqa: E402
 import transfer  # noqa: E402
 
 TINY = {
@@ -52,11 +53,11 @@ def test_heldout_pipeline_writes_results_summary_and_figures(tmp_path):
     sweep = saved["sanity"]["eps_sweep"]["pgd_linf"]["acc"]
     assert len(sweep) == 2 and all(0 <= a <= 1 for a in sweep)
 
-    table = heldout.summarize(records)
+    table = report.summarize(records)
     assert all(m in table for m in ("erm", "pgd_at", "meta_so")) and "held-out union" in table
     assert all(f"union {m}@4" in table for m in ("sgd", "bn_mix", "bn_sgd", "best", "matched"))
     assert "reference union" in table
-    assert [r["method"] for r in heldout.load_records(tmp_path)] == ["erm", "pgd_at", "meta_so"]  # protocol order
+    assert [r["method"] for r in report.load_records(tmp_path)] == ["erm", "pgd_at", "meta_so"]  # protocol order
 
     written = plots.plot_folder(tmp_path, tmp_path / "figures")
     kinds = {p.stem.removeprefix(tmp_path.name + "_") for p in written}
@@ -74,7 +75,7 @@ def test_the_summary_reports_the_mean_over_held_out_attacks_next_to_the_union():
             "adapted": {"8": {"adapted": {"bn": acc}, "adapted_union": {"bn": union}}},
         }  # fmt: skip
 
-    table = heldout.summarize([record(0, 0.2, 0.6, 0.1), record(1, 0.4, 0.8, 0.1)])
+    table = report.summarize([record(0, 0.2, 0.6, 0.1), record(1, 0.4, 0.8, 0.1)])
     header, _, row = table.splitlines()[:3]
     cells = dict(zip(header.split(" | "), row.split(" | "), strict=True))
     assert cells["**held-out union**"] == "**10.0 ± 0.0**"
@@ -93,10 +94,10 @@ def test_the_summary_gives_the_reference_attacks_beside_the_held_out_ones_and_a_
         }  # fmt: skip
 
     aa = {"attacks": ["aa"], "per_attack": {"aa": 0.4}, "union_acc": 0.4}
-    header, _, row = heldout.summarize([record(0, aa), record(1)]).splitlines()[:3]
+    header, _, row = report.summarize([record(0, aa), record(1)]).splitlines()[:3]
     cells = dict(zip(header.split(" | "), row.split(" | "), strict=True))
     assert cells["reference `aa`"] == cells["reference union"] == "40.0"  # the one run that has it
-    header, _, row = heldout.summarize([record(0)]).splitlines()[:3]
+    header, _, row = report.summarize([record(0)]).splitlines()[:3]
     assert "reference" not in header
 
 
@@ -111,7 +112,7 @@ def test_the_summary_gives_the_best_common_adaptation_and_matched_apart():
             "train_attacks": {"union_acc": 0.3},
         }  # fmt: skip
 
-    table = heldout.summarize([record("pgd_at", 0.2, 0.4), record("meta_so", 0.5, 0.3, matched=0.9)])
+    table = report.summarize([record("pgd_at", 0.2, 0.4), record("meta_so", 0.5, 0.3, matched=0.9)])
     header, _, pgd_at, meta_so = table.splitlines()[:4]
     cells = [dict(zip(header.split(" | "), row.split(" | "), strict=True)) for row in (pgd_at, meta_so)]
     assert [c["union best@8"] for c in cells] == ["40.0", "50.0"]  # bn for pgd_at, sgd for meta_so: not matched
@@ -119,7 +120,7 @@ def test_the_summary_gives_the_best_common_adaptation_and_matched_apart():
     assert "inner-loop gain" not in header  # no run logged the adaptation gap
     logged = record("meta_so", 0.5, 0.3, matched=0.9)
     logged["history"] = [{"adaptation_gap": [g, g]} for g in (0.5, 0.0, 0.0, 0.0, 0.1)]  # the last fifth: 0.1
-    header, _, _, meta_so = heldout.summarize([record("pgd_at", 0.2, 0.4), logged]).splitlines()[:4]
+    header, _, _, meta_so = report.summarize([record("pgd_at", 0.2, 0.4), logged]).splitlines()[:4]
     cells = [c.strip() for c in header.strip("|").split("|")], [c.strip() for c in meta_so.strip("|").split("|")]
     assert dict(zip(*cells, strict=True))["inner-loop gain (points)"] == "10.0"
 
@@ -185,12 +186,25 @@ def test_a_baseline_variant_must_name_a_known_method(tmp_path):
 def test_committed_full_results_cover_three_seeds_and_pass_the_sanity_checks():
     """The numbers in docs/benchmarks.md come from these files."""
     for name in ("linf_heldout", "leave_out_linf", "leave_out_l2", "leave_out_l1"):
-        records = heldout.load_records(ROOT / "benchmarks" / "results" / name)
+        records = report.load_records(ROOT / "benchmarks" / "results" / name)
         methods = records[0]["config"]["methods"]
         assert {(r["method"], r["seed"]) for r in records} == {(m, s) for m in methods for s in (0, 1, 2)}, name
         for r in records:
             assert r["sanity"]["warnings"] == [] and r["sanity"]["unbounded_acc"] <= 0.05, (name, r["method"])
             assert r["heldout"]["n_examples"] == 500 and set(r["adapted"]) == {"8", "32", "128"}
+
+
+def test_every_committed_summary_is_the_report_of_its_runs():
+    """``summary.md`` beside the JSONs is what ``benchmarks/report.py`` writes from them (not a stale table)."""
+    folders = [d for d in sorted((ROOT / "benchmarks" / "results").iterdir()) if (d / "summary.md").exists()]
+    checked = 0
+    for folder in folders:
+        records = report.load_records(folder)
+        if records and all("heldout" in r for r in records):  # the transfer matrix has its own summary
+            expected = f"# {records[0]['protocol']}\n\n{report.summarize(records)}\n"
+            assert (folder / "summary.md").read_text() == expected, f"python benchmarks/report.py {folder}"
+            checked += 1
+    assert checked >= 5
 
 
 # --- transfer matrix ----------------------------------------------------------------------------------
