@@ -5,7 +5,8 @@
 
 Figures per protocol folder: held-out accuracy per attack per method (grouped bars), robust accuracy vs
 eps, held-out union vs training wall-clock, few-shot adaptation (union vs shots, fine-tuning and
-test-time BN), and meta-training curves. Method colors are fixed across all figures. A transfer-matrix
+test-time BN), where meta methods ran their own inner loop their ``matched`` curves beside every method's
+best common adaptation, and meta-training curves. Method colors are fixed across all figures. A transfer-matrix
 folder (``benchmarks/transfer.py``, with a ``matrix.json``) gets its two heatmaps instead. Learning curves
 (``benchmarks/learning_curves.py``'s JSON, per protocol and seed) get one figure each.
 """
@@ -24,6 +25,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from report import adapted_scores
 
 import metaadv as ma
 
@@ -33,6 +35,7 @@ COLORS = {  # one color per method, the same in every figure
     "max": "#bcbd22", "msd": "#8c564b", "sat": "#e377c2", "meta_fo": "#ff7f0e", "meta_so": "#d62728",
     "meta_anil": "#ff9896", "meta_anneal": "#ffbb78", "meta_sgd": "#c49c94", "ramp": "#393b79",
     "meta_attention": "#e7969c", "meta_reuse4": "#843c39", "meta_task_bn": "#637939", "ramp_lambda1": "#9c9ede",
+    "meta_consistency_small": "#6b6ecf", "meta_bn_inner": "#bd9e39",
 }  # fmt: skip
 WIDTH = (7.5, 3.6)
 
@@ -174,6 +177,28 @@ def plot_transfer(matrix: dict, out: Path, name: str, prefix: str = "") -> list[
     return written
 
 
+def adaptation_curves(runs: dict[str, list[dict]], fig: plt.Figure) -> None:
+    """docs/adaptation.md's question as curves, per score (union, mean): every method's best common adaptation
+    (``best@s``, solid) and each meta method's own inner loop (``matched``, dashed) against the shots. ERM, the
+    floor, is left to the few-shot figure so that the axis resolves the robust methods."""
+    axes = fig.subplots(1, 2)
+    for ax, kind in zip(axes, SCORES, strict=True):
+        for method, rs in ((m, rs) for m, rs in runs.items() if m != "erm"):
+            shots = sorted(int(s) for s in rs[0]["adapted"])
+            zero_shot = mean_std([score(r["heldout"], kind) for r in rs])
+            for how, style in (("best", "-"), ("matched", "--")):
+                got = [[adapted_scores(r["adapted"][str(s)], how) for r in rs] for s in shots]
+                if any(x is None for at in got for x in at):
+                    continue
+                stats = [zero_shot, *(mean_std([x[list(SCORES).index(kind)] for x in at]) for at in got)]
+                ax.errorbar([0, *shots], [m for m, _ in stats], [s for _, s in stats], color=COLORS.get(method),
+                            ls=style, label=method if how == "best" else None, marker="o", ms=3)  # fmt: skip
+        ax.set(xlabel="adaptation shots (0 = zero-shot)", ylabel=SCORES[kind])
+        ax.yaxis.label.set_size(7)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=6)
+
+
 def plot_folder(folder: Path, out: Path) -> list[Path]:
     if (folder / "matrix.json").exists():  # a transfer matrix (benchmarks/transfer.py)
         return plot_transfer(json.loads((folder / "matrix.json").read_text()), out, folder.name, f"{folder.name}_")
@@ -205,6 +230,10 @@ def plot_folder(folder: Path, out: Path) -> list[Path]:
     fig = plt.figure(figsize=(WIDTH[0], 1.6 * WIDTH[1]))
     few_shot(runs, fig)
     save(fig, "fewshot", "few-shot adaptation to held-out attacks (attack re-run on the adapted model)")
+    if any("matched" in at["adapted_union"] for rs in runs.values() for r in rs for at in r["adapted"].values()):
+        fig = plt.figure(figsize=WIDTH)
+        adaptation_curves(runs, fig)
+        save(fig, "adaptation", "best common adaptation (solid) vs meta methods' own inner loop (dashed)")
     for method in ("meta_so", "meta_fo"):
         if method in runs:
             fig = ma.plots.training_curves(runs[method][0]["history"])

@@ -61,7 +61,7 @@ def test_heldout_pipeline_writes_results_summary_and_figures(tmp_path):
 
     written = plots.plot_folder(tmp_path, tmp_path / "figures")
     kinds = {p.stem.removeprefix(tmp_path.name + "_") for p in written}
-    assert {"heldout", "eps", "cost", "fewshot", "meta_so_training"} <= kinds
+    assert {"heldout", "eps", "cost", "fewshot", "adaptation", "meta_so_training"} <= kinds
     assert all(p.stat().st_size > 5000 for p in written)
 
 
