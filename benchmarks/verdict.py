@@ -3,6 +3,7 @@ variant, adapted with its own inner loop ("matched"), beat the best baseline wit
 
     python benchmarks/verdict.py                                        # every benchmarks/results/converged_*
     python benchmarks/verdict.py benchmarks/results/converged_leave_out_l2
+    python benchmarks/verdict.py --out benchmarks/results/verdict.md        # the committed tables
 
 Each folder gets two tables: every method's scores (mean ± std over seeds; docs/adaptation.md's results tables)
 and the leads below.
@@ -23,8 +24,10 @@ from typing import Any
 from heldout import ROOT, is_meta
 from report import adapted_scores, load_records, mean_std
 
-__all__ = ["leads", "results_table", "score", "verdict_table"]
+__all__ = ["answer", "leads", "results_table", "score", "verdict_table"]
 SCORES = ("union", "mean")
+VERDICT = ROOT / "benchmarks" / "results" / "verdict.md"  # every converged folder's tables, as committed
+HEADER = "# The adaptation verdict (written by `python benchmarks/verdict.py --out benchmarks/results/verdict.md`)\n"
 
 
 def score(record: dict[str, Any], shots: int, how: str, kind: str) -> float | None:
@@ -114,16 +117,31 @@ def verdict_table(records: list[dict[str, Any]], margin: float = 3.0) -> str:
     return "\n".join([*lines, "", f"{len(records)} runs, seeds {seeds}; zero-shot rows compare held-out scores."])
 
 
+def answer(folders: list[Path], margin: float = 3.0) -> str:
+    """Markdown: per results folder with runs, its name, ``results_table`` and ``verdict_table``."""
+    parts = []
+    for folder in folders:
+        records = load_records(folder)
+        if records:
+            parts.append(f"## {folder.name}\n\n{results_table(records)}\n\n{verdict_table(records, margin)}\n")
+    return "\n".join(parts)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("folders", type=Path, nargs="*", help="default: every benchmarks/results/converged_* folder")
     p.add_argument("--margin", type=float, default=3.0, help="the lead in points a win needs on every seed")
+    p.add_argument("--out", type=Path, help=f"also write the tables there (docs/adaptation.md's: {VERDICT})")
     args = p.parse_args()
-    folders = args.folders or sorted((ROOT / "benchmarks" / "results").glob("converged_*"))
-    for folder in folders:
-        records = load_records(folder)
-        if records:
-            print(f"## {folder.name}\n\n{results_table(records)}\n\n{verdict_table(records, args.margin)}\n")
+    text = answer(args.folders or converged_folders(), args.margin)
+    print(text)
+    if args.out:
+        args.out.write_text(f"{HEADER}\n{text}")
+        print(f"wrote {args.out}")
+
+
+def converged_folders() -> list[Path]:
+    return sorted((ROOT / "benchmarks" / "results").glob("converged_*"))
 
 
 if __name__ == "__main__":

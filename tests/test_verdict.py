@@ -53,3 +53,10 @@ def test_the_results_table_gives_every_method_mean_and_std_over_seeds_and_no_mat
     assert cells[5:7] == ["90.0 ± 0.0 / 90.0 ± 0.0", "74.5 ± 0.7 / 74.5 ± 0.7"]  # best@8, matched@8
     assert cells[4] == "–"  # no reference attacks ran
     assert [c.strip() for c in rows["`avg`"].strip("|").split("|")][6:] == ["–", "200 ± 0"]
+
+
+def test_the_committed_verdict_is_the_answer_of_the_committed_converged_runs():
+    """benchmarks/results/verdict.md, which docs/adaptation.md quotes, is what verdict.py writes from the JSON."""
+    expected = f"{verdict.HEADER}\n{verdict.answer(verdict.converged_folders())}"
+    assert verdict.VERDICT.read_text() == expected, "python benchmarks/verdict.py --out benchmarks/results/verdict.md"
+    assert "## converged_leave_out_l2" in expected
