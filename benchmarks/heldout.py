@@ -350,8 +350,7 @@ def main() -> None:
               f"train {r['train_seconds']:.0f}s (run {time.perf_counter() - t:.0f}s)", flush=True)  # fmt: skip
     if args.no_summary:
         return
-    table = write_summary(out)
-    print(f"\n{table}\n\nwrote {out}/*.json and summary.md")
+    print(f"\n{write_summary(out)}\nwrote {out}/*.json and summary.md")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-from report import adapted_scores
+from report import run_score
 
 import metaadv as ma
 
@@ -184,14 +184,13 @@ def adaptation_curves(runs: dict[str, list[dict]], fig: plt.Figure) -> None:
     axes = fig.subplots(1, 2)
     for ax, kind in zip(axes, SCORES, strict=True):
         for method, rs in ((m, rs) for m, rs in runs.items() if m != "erm"):
-            shots = sorted(int(s) for s in rs[0]["adapted"])
-            zero_shot = mean_std([score(r["heldout"], kind) for r in rs])
+            shots = [0, *sorted(int(s) for s in rs[0]["adapted"])]
             for how, style in (("best", "-"), ("matched", "--")):
-                got = [[adapted_scores(r["adapted"][str(s)], how) for r in rs] for s in shots]
+                got = [[run_score(r, s, how, kind) for r in rs] for s in shots]
                 if any(x is None for at in got for x in at):
                     continue
-                stats = [zero_shot, *(mean_std([x[list(SCORES).index(kind)] for x in at]) for at in got)]
-                ax.errorbar([0, *shots], [m for m, _ in stats], [s for _, s in stats], color=COLORS.get(method),
+                stats = [mean_std(at) for at in got]
+                ax.errorbar(shots, [m for m, _ in stats], [s for _, s in stats], color=COLORS.get(method),
                             ls=style, label=method if how == "best" else None, marker="o", ms=3)  # fmt: skip
         ax.set(xlabel="adaptation shots (0 = zero-shot)", ylabel=SCORES[kind])
         ax.yaxis.label.set_size(7)

@@ -14,8 +14,12 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-__all__ = ["COMMON", "adapted_scores", "inner_loop_gain", "load_records", "mean_std", "summarize", "write_summary"]
+__all__ = [
+    "COMMON", "SCORES", "adapted_scores", "inner_loop_gain", "load_records", "mean_std", "run_score", "summarize",
+    "summary_markdown", "write_summary",
+]  # fmt: skip
 COMMON = ("sgd", "bn", "bn_mix", "bn_sgd")  # the adaptations every method gets; "best" is the best of them
+SCORES = ("union", "mean")  # a run's held-out scores: robust to every attack at once, the mean over attacks
 
 
 def mean_std(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
@@ -91,6 +95,16 @@ def adapted_scores(at_shots: dict[str, Any], how: str) -> tuple[float, float] | 
     return max(union[m] for m in names), max(statistics.mean(per_attack[m].values()) for m in names)
 
 
+def run_score(record: dict[str, Any], shots: int, how: str, kind: str) -> float | None:
+    """A run's held-out ``kind`` ("union" or "mean", in [0, 1]): zero-shot at ``shots`` 0, else adaptation
+    ``how`` ("best", "matched", ...) at ``shots``; None where it did not run."""
+    if shots == 0:
+        heldout = record["heldout"]
+        return heldout["union_acc"] if kind == "union" else statistics.mean(heldout["per_attack"].values())
+    scores = adapted_scores(record["adapted"].get(str(shots), {}), how)
+    return None if scores is None else scores[SCORES.index(kind)]
+
+
 def load_records(out: Path) -> list[dict[str, Any]]:
     """Every run's JSON in ``out``, ordered by seed, then method."""
     records = [json.loads(f.read_text()) for f in sorted(out.glob("*_seed*.json"))]
@@ -98,21 +112,26 @@ def load_records(out: Path) -> list[dict[str, Any]]:
                                           if r["method"] in r["config"]["methods"] else 99))  # fmt: skip
 
 
+def summary_markdown(records: list[dict[str, Any]]) -> str:
+    """``summary.md``'s text for ``records``: the protocol's name over ``summarize``'s table."""
+    return f"# {records[0]['protocol']}\n\n{summarize(records)}\n"
+
+
 def write_summary(out: Path) -> str:
-    """Summarize every run's JSON in ``out`` into ``out/summary.md``, headed by the protocol's name; the table."""
+    """Summarize every run's JSON in ``out`` into ``out/summary.md`` (``summary_markdown``); its text."""
     records = load_records(out)
     if not records:
         raise FileNotFoundError(f"no run JSON (<method>_seed<s>.json) in {out}")
-    table = summarize(records)
-    (out / "summary.md").write_text(f"# {records[0]['protocol']}\n\n{table}\n")
-    return table
+    text = summary_markdown(records)
+    (out / "summary.md").write_text(text)
+    return text
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("folder", type=Path, help="a results folder (benchmarks/results/<protocol>)")
     args = p.parse_args()
-    print(f"{write_summary(args.folder)}\n\nwrote {args.folder}/summary.md")
+    print(f"{write_summary(args.folder)}\nwrote {args.folder}/summary.md")
 
 
 if __name__ == "__main__":

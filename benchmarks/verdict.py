@@ -22,26 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from heldout import ROOT, is_meta
-from report import adapted_scores, load_records, mean_std
+from report import SCORES, load_records, mean_std, run_score
 
-__all__ = ["answer", "leads", "results_table", "score", "verdict_table"]
-SCORES = ("union", "mean")
+__all__ = ["answer", "leads", "results_table", "verdict_table"]
 VERDICT = ROOT / "benchmarks" / "results" / "verdict.md"  # every converged folder's tables, as committed
 HEADER = "# The adaptation verdict (written by `python benchmarks/verdict.py --out benchmarks/results/verdict.md`)\n"
 
 
-def score(record: dict[str, Any], shots: int, how: str, kind: str) -> float | None:
-    """A run's held-out ``kind`` ("union" or "mean", in [0, 1]): zero-shot at ``shots`` 0, else adaptation
-    ``how`` ("best", "matched", ...) at ``shots``; None where it did not run."""
-    if shots == 0:
-        heldout = record["heldout"]
-        return heldout["union_acc"] if kind == "union" else statistics.mean(heldout["per_attack"].values())
-    scores = adapted_scores(record["adapted"].get(str(shots), {}), how)
-    return None if scores is None else scores[SCORES.index(kind)]
-
-
 def by_seed(records: list[dict[str, Any]], method: str, shots: int, how: str, kind: str) -> dict[int, float]:
-    got = {r["seed"]: score(r, shots, how, kind) for r in records if r["method"] == method}
+    got = {r["seed"]: run_score(r, shots, how, kind) for r in records if r["method"] == method}
     return {seed: value for seed, value in got.items() if value is not None}
 
 
@@ -91,8 +80,8 @@ def results_table(records: list[dict[str, Any]]) -> str:
 
 def pair(records: list[dict[str, Any]], shots: int, how: str) -> str:
     """``"union / mean"`` (each mean ± std over the runs, in %) of adaptation ``how``; "–" where none ran."""
-    got = [(u, m) for r in records if (u := score(r, shots, how, "union")) is not None
-           and (m := score(r, shots, how, "mean")) is not None]  # fmt: skip
+    got = [(u, m) for r in records if (u := run_score(r, shots, how, "union")) is not None
+           and (m := run_score(r, shots, how, "mean")) is not None]  # fmt: skip
     return f"{mean_std([u for u, _ in got])} / {mean_std([m for _, m in got])}" if got else "–"
 
 
