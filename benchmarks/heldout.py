@@ -15,7 +15,9 @@ count "sgd" and "bn_sgd" with (steps, lr) chosen on the validation split from th
 statistics; attacked zero-shot by the protocol's ``reference_attacks`` (AutoAttack: stronger, too costly to
 re-run after every adaptation); and checked for the sanity conditions of Carlini et al. 2019. One JSON per
 (method, seed) goes to --out; a markdown summary of every JSON in --out is printed and saved. A run whose JSON
-exists is skipped, so an interrupted benchmark resumes where it stopped (--overwrite reruns it).
+exists is skipped, and training checkpoints to --out/checkpoints/ (resumed bit for bit), so an interrupted
+benchmark resumes where it stopped: a run stopped in training continues from its last checkpoint, one stopped in
+evaluation evaluates its trained model again (--overwrite reruns from step 0).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import dataclasses
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -54,6 +57,7 @@ QUICK = {"epochs": 1, "n_examples": 64, "sanity_examples": 48, "shots": [8], "tr
 # the validation split held out of the training data, and the fine-tuning grid chosen from on it
 TUNE = {"examples": 300, **{k: list(v) for k, v in FINETUNE_GRID.items()}}
 FINETUNING = ("sgd", "bn_sgd")  # their (steps, lr) chosen on the validation split
+CHECKPOINT_EVERY = 50  # training steps between a run's checkpoints (out/checkpoints/)
 
 
 def load_protocol(path: Path, quick: bool) -> dict[str, Any]:
@@ -197,10 +201,20 @@ def sanity(model, test, protocol: dict, seed: int) -> dict[str, Any]:
             "warnings": warnings}  # fmt: skip
 
 
-def run_one(method: str, protocol: dict, seed: int, device: str, out: Path) -> dict[str, Any]:
+def run_one(method: str, protocol: dict, seed: int, device: str, out: Path, fresh: bool = False) -> dict[str, Any]:
+    """Train, evaluate and write ``out/<method>_seed<seed>.json``. Training checkpoints go to
+    ``out/checkpoints/<method>_seed<seed>/`` and a later call resumes them bit for bit, so a run stopped during
+    training loses at most ``CHECKPOINT_EVERY`` steps (``fresh``: delete them and train from step 0)."""
     train_data, test = load_data(protocol)
     train_data, val = split_validation(train_data, protocol["tune"]["examples"])
-    result = train(method, protocol, train_data, seed, device)
+    work = out / "checkpoints" / f"{method}_seed{seed}"
+    if fresh:
+        shutil.rmtree(work, ignore_errors=True)
+    try:
+        result = train(method, protocol, train_data, seed, device, checkpoint_dir=work, resume=True, keep_last=1,
+                       checkpoint_every=CHECKPOINT_EVERY)  # fmt: skip
+    except ma.CheckpointError as e:
+        raise ma.CheckpointError(f"{e} (heldout.py: --overwrite trains it afresh)") from None
     model, t_eval = result.model, time.perf_counter()
     opts = {"n_examples": protocol["n_examples"], "seed": seed, "batch_size": protocol["eval_batch_size"]}
     trained_on = ma.evaluate(model, test, protocol["train_attacks"], **opts)
@@ -344,7 +358,7 @@ def main() -> None:
     start = time.perf_counter()
     for seed, method in runs:
         t = time.perf_counter()
-        r = run_one(method, protocol, seed, args.device, out)
+        r = run_one(method, protocol, seed, args.device, out, fresh=args.overwrite)
         print(f"[{time.perf_counter() - start:7.0f}s] {method} seed {seed}: held-out union "
               f"{r['heldout']['union_acc']:.1%}, clean {r['heldout']['clean_acc']:.1%}, "
               f"train {r['train_seconds']:.0f}s (run {time.perf_counter() - t:.0f}s)", flush=True)  # fmt: skip
