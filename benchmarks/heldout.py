@@ -15,15 +15,15 @@ count "sgd" and "bn_sgd" with (steps, lr) chosen on the validation split from th
 statistics; attacked zero-shot by the protocol's ``reference_attacks`` (AutoAttack: stronger, too costly to
 re-run after every adaptation); and checked for the sanity conditions of Carlini et al. 2019. One JSON per
 (method, seed) goes to --out; a markdown summary of every JSON in --out is printed and saved. A run whose JSON
-exists is skipped, and training checkpoints to --out/checkpoints/ (resumed bit for bit), so an interrupted
-benchmark resumes where it stopped: a run stopped in training continues from its last checkpoint, one stopped in
-evaluation evaluates its trained model again (--overwrite reruns from step 0).
+exists is skipped, and training checkpoints and finished evaluation stages go to --out/checkpoints/, so an
+interrupted benchmark resumes where it stopped with the numbers of an uninterrupted one: a run stopped in training
+continues from its last checkpoint (bit for bit), one stopped in evaluation from its last finished stage
+(--overwrite reruns from step 0).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
@@ -31,6 +31,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -202,9 +203,10 @@ def sanity(model, test, protocol: dict, seed: int) -> dict[str, Any]:
 
 
 def run_one(method: str, protocol: dict, seed: int, device: str, out: Path, fresh: bool = False) -> dict[str, Any]:
-    """Train, evaluate and write ``out/<method>_seed<seed>.json``. Training checkpoints go to
-    ``out/checkpoints/<method>_seed<seed>/`` and a later call resumes them bit for bit, so a run stopped during
-    training loses at most ``CHECKPOINT_EVERY`` steps (``fresh``: delete them and train from step 0)."""
+    """Train, evaluate and write ``out/<method>_seed<seed>.json``. Training checkpoints and the finished
+    evaluation stages go to ``out/checkpoints/<method>_seed<seed>/`` and a later call resumes from them, with
+    the same results as one uninterrupted call: a run stopped in training loses at most ``CHECKPOINT_EVERY``
+    steps, one stopped in evaluation the stage it was in (``fresh``: delete them and start from step 0)."""
     train_data, test = load_data(protocol)
     train_data, val = split_validation(train_data, protocol["tune"]["examples"])
     work = out / "checkpoints" / f"{method}_seed{seed}"
@@ -215,22 +217,24 @@ def run_one(method: str, protocol: dict, seed: int, device: str, out: Path, fres
                        checkpoint_every=CHECKPOINT_EVERY)  # fmt: skip
     except ma.CheckpointError as e:
         raise ma.CheckpointError(f"{e} (heldout.py: --overwrite trains it afresh)") from None
-    model, t_eval = result.model, time.perf_counter()
+    model, stage = result.model, Stages(work / "eval", {"protocol": protocol, "trained_steps": len(result.history)})
     opts = {"n_examples": protocol["n_examples"], "seed": seed, "batch_size": protocol["eval_batch_size"]}
-    trained_on = ma.evaluate(model, test, protocol["train_attacks"], **opts)
+    trained_on = stage("train_attacks", lambda: ma.evaluate(model, test, protocol["train_attacks"], **opts).to_dict())
     # Zero-shot numbers come with every adapted report (same evaluation examples whatever the shots), so
     # the held-out attacks run zero-shot once per shot count, not once more on their own.
-    reports, adapted, tune_seconds = few_shot(method, protocol, result, val, test, seed, device, opts)
-    heldout = next(iter(reports.values())) if reports else ma.evaluate(model, test, protocol["held_out"], **opts)
-    meta = {k: heldout.meta[k] for k in ("seed", "torch", "device", "batch_size")}  # not the adaptations'
-    heldout = dataclasses.replace(heldout, adapt_shots=0, adapted={}, adapted_union={}, adapted_clean={}, meta=meta)
+    shots = {s: stage(f"{s}_shots", lambda s=s: few_shot(method, protocol, result, val, test, s, seed, device, opts))
+             for s in protocol["shots"]}  # fmt: skip
+    zero = next(iter(shots.values()))["report"] if shots else stage(
+        "held_out", lambda: ma.evaluate(model, test, protocol["held_out"], **opts).to_dict())  # fmt: skip
+    meta = {k: zero["meta"][k] for k in ("seed", "torch", "device", "batch_size")}  # not the adaptations'
+    heldout = {**zero, "adapt_shots": 0, "adapted": {}, "adapted_union": {}, "adapted_clean": {}, "meta": meta}
     record = {
         "protocol": protocol["name"], "method": method, "seed": seed, "train_seconds": result.seconds,
-        "heldout": heldout.to_dict(), "train_attacks": trained_on.to_dict(), "adapted": adapted,
-        **reference(model, test, protocol, opts),
+        "heldout": heldout, "train_attacks": trained_on, "adapted": {str(s): v["adapted"] for s, v in shots.items()},
+        **stage("reference", lambda: reference(model, test, protocol, opts)),
         "validation": {"examples": len(val[1]), "held_out_of": "the training data"},
-        "sanity": sanity(model, test, protocol, seed),
-        "eval_seconds": time.perf_counter() - t_eval, "tune_seconds": tune_seconds,
+        "sanity": stage("sanity", lambda: sanity(model, test, protocol, seed)),
+        "eval_seconds": stage.seconds, "tune_seconds": sum(v["tune_seconds"] for v in shots.values()),
         "history": [{k: r[k] for k in ("step", "loss", "seconds", "task_names", "query_acc", "task_weights",
                                                  "query_acc_theta", "adaptation_gap") if k in r}
                     for r in result.history],
@@ -239,6 +243,33 @@ def run_one(method: str, protocol: dict, seed: int, device: str, out: Path, fres
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{method}_seed{seed}.json").write_text(json.dumps(record, indent=1))
     return record
+
+
+class Stages:
+    """The evaluation stages of a run that finished, one JSON each in ``directory``: calling it again for a
+    stage saved under the same ``key`` (the protocol and the trained steps) returns the saved value instead of
+    computing it, so a run stopped in evaluation resumes after its last finished stage. Every evaluation is
+    seeded on its own (``metaadv.evaluate``), so a stage's value does not depend on the stages before it."""
+
+    def __init__(self, directory: Path, key: dict[str, Any]) -> None:
+        self.directory, self.key = directory, json.loads(json.dumps(key))
+        self.seconds = 0.0  # the stages' wall-clock, saved ones included
+
+    def __call__(self, name: str, compute: Callable[[], Any]) -> Any:
+        """``compute()`` (JSON types), or what an earlier call saved for ``name`` under this key."""
+        path = self.directory / f"{name}.json"
+        saved = json.loads(path.read_text()) if path.exists() else None
+        if saved is None or saved["key"] != self.key:
+            start = time.perf_counter()
+            saved = {"key": self.key, "value": compute(), "seconds": 0.0}
+            saved["seconds"] = time.perf_counter() - start
+            self.directory.mkdir(parents=True, exist_ok=True)
+            partial = path.with_suffix(".tmp")  # a stop while writing leaves no truncated stage
+            partial.write_text(json.dumps(saved))
+            partial.replace(path)
+            saved = json.loads(path.read_text())  # the same JSON types whether computed now or earlier
+        self.seconds += saved["seconds"]
+        return saved["value"]
 
 
 def reference(model: torch.nn.Module, test: Any, protocol: dict, opts: dict[str, Any]) -> dict[str, Any]:
@@ -250,24 +281,23 @@ def reference(model: torch.nn.Module, test: Any, protocol: dict, opts: dict[str,
     return {"reference": ma.evaluate(model, test, protocol["reference_attacks"], **opts).to_dict()}
 
 
-def few_shot(method: str, protocol: dict, result: ma.TrainResult, val: Any, test: Any, seed: int, device: str,
-             opts: dict[str, Any]) -> tuple[dict[int, ma.RobustnessReport], dict[str, Any], float]:  # fmt: skip
-    """Per shot count: the held-out report with every adaptation (``adaptations``), the fine-tuning methods'
-    (steps, lr) chosen on the validation split first; the record's ``adapted`` entries; the tuning's seconds."""
-    reports, adapted, seconds = {}, {}, 0.0
+def few_shot(method: str, protocol: dict, result: ma.TrainResult, val: Any, test: Any, shots: int, seed: int,
+             device: str, opts: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """At ``shots`` support examples: the held-out ``report`` (zero-shot and with every adaptation, see
+    ``adaptations``), the fine-tuning methods' (steps, lr) chosen on the validation split first; the record's
+    ``adapted`` entry; the tuning's seconds (``tune_seconds``). JSON types."""
     grid = {k: protocol["tune"][k] for k in ("steps", "lr")}
-    for shots in protocol["shots"]:
-        t = time.perf_counter()  # the held-out attacks on the validation digits choose each (steps, lr)
-        tuned = {m: tune_finetuning(result.model, val, protocol["held_out"], shots, grid, method=m, seed=seed,
-                                    batch_size=protocol["eval_batch_size"]) for m in FINETUNING}  # fmt: skip
-        seconds += time.perf_counter() - t
-        reports[shots] = r = ma.evaluate(result.model, test, protocol["held_out"], adapt_shots=shots,
-                                         finetune={m: (c.steps, c.lr) for m, c in tuned.items()},
-                                         **adaptations(method, protocol, result, seed, device), **opts)  # fmt: skip
-        adapted[str(shots)] = {"adapted": r.adapted, "adapted_union": r.adapted_union, "finetune": r.meta["finetune"],
-                               "tuning": {m: c.to_dict() for m, c in tuned.items()},
-                               **({"matched": r.meta["matched"]} if "matched" in r.meta else {})}  # fmt: skip
-    return reports, adapted, seconds
+    t = time.perf_counter()  # the held-out attacks on the validation digits choose each (steps, lr)
+    tuned = {m: tune_finetuning(result.model, val, protocol["held_out"], shots, grid, method=m, seed=seed,
+                                batch_size=protocol["eval_batch_size"]) for m in FINETUNING}  # fmt: skip
+    seconds = time.perf_counter() - t
+    r = ma.evaluate(result.model, test, protocol["held_out"], adapt_shots=shots,
+                    finetune={m: (c.steps, c.lr) for m, c in tuned.items()},
+                    **adaptations(method, protocol, result, seed, device), **opts)  # fmt: skip
+    adapted = {"adapted": r.adapted, "adapted_union": r.adapted_union, "finetune": r.meta["finetune"],
+               "tuning": {m: c.to_dict() for m, c in tuned.items()},
+               **({"matched": r.meta["matched"]} if "matched" in r.meta else {})}  # fmt: skip
+    return {"report": r.to_dict(), "adapted": adapted, "tune_seconds": seconds}
 
 
 def adaptations(method: str, protocol: dict, result: ma.TrainResult, seed: int, device: str) -> dict[str, Any]:
