@@ -345,6 +345,29 @@ def run_parallel(args: argparse.Namespace, runs: list[tuple[int, str]], out: Pat
         raise SystemExit(f"{len(failed)} runs failed: {failed}")
 
 
+def status(protocol: dict[str, Any], seeds: list[int], methods: list[str], out: Path) -> list[str]:
+    """One line per (seed, method) of ``out``: done (its JSON exists), how far its training and evaluation got
+    (its checkpoints and finished stages), or not started."""
+    n_train = len(ma.data.to_tensors(load_data(protocol)[0])[1]) - protocol["tune"]["examples"]
+    lines = []
+    for seed in seeds:
+        for method in methods:
+            name, work = f"{method}_seed{seed}", out / "checkpoints" / f"{method}_seed{seed}"
+            latest = ma.checkpoint.latest_checkpoint(work) if work.is_dir() else None
+            if (out / f"{name}.json").exists():
+                lines.append(f"{name}: done")
+            elif latest is None:
+                lines.append(f"{name}: not started")
+            else:
+                batch = protocol["batch_size"]
+                if is_meta(method, protocol):
+                    batch = training_config(method, protocol, seed, "cpu").loop.batch_size
+                stages = sorted(p.stem for p in (work / "eval").glob("*.json"))
+                lines.append(f"{name}: trained {latest[1]['step']}/{protocol['epochs'] * (n_train // batch)} steps"
+                             + (f", evaluated: {', '.join(stages)}" if stages else ""))  # fmt: skip
+    return lines
+
+
 def positive_int(text: str) -> int:
     """An argparse ``type`` for counts that must be >= 1 (the benchmark scripts' --examples, --jobs, ...)."""
     value = int(text)
@@ -367,6 +390,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, help="default: benchmarks/results/<protocol>[_quick]")
     p.add_argument("--jobs", type=positive_int, default=1, help="(seed, method) runs in parallel processes")
     p.add_argument("--overwrite", action="store_true", help="rerun runs whose JSON already exists")
+    p.add_argument("--status", action="store_true", help="say how far each run got (done, trained steps, "
+                   "finished evaluation stages) and exit")  # fmt: skip
     p.add_argument("--no-summary", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     protocol = load_protocol(args.protocol, args.quick)
@@ -379,6 +404,9 @@ def main() -> None:
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
     methods = args.methods or protocol["methods"]
     out = args.out or ROOT / "benchmarks" / "results" / (protocol["name"] + ("_quick" if args.quick else ""))
+    if args.status:
+        print("\n".join(status(protocol, seeds, methods, out)))
+        return
     runs = [(s, m) for s in seeds for m in methods if args.overwrite or not (out / f"{m}_seed{s}.json").exists()]
     if len(runs) < len(seeds) * len(methods):
         print(f"{len(seeds) * len(methods) - len(runs)} runs already in {out}: skipped (--overwrite reruns them)")

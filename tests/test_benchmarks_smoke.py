@@ -147,9 +147,13 @@ def test_a_run_stopped_in_training_or_evaluation_resumes_and_writes_what_one_run
     monkeypatch.setattr(heldout, "sanity", session_ends)  # the last evaluation stage
     with pytest.raises(KeyboardInterrupt):
         heldout.run_one("meta_so", protocol, 0, "cpu", tmp_path / "stopped")  # trains the second epoch only
+    progress = heldout.status(protocol, [0], ["meta_so", "pgd_at"], tmp_path / "stopped")
+    assert progress == ["meta_so_seed0: trained 6/6 steps, evaluated: 4_shots, reference, train_attacks",
+                        "pgd_at_seed0: not started"]  # fmt: skip
     monkeypatch.setattr(heldout, "sanity", sanity)
     monkeypatch.setattr(heldout, "tune_finetuning", session_ends)  # the finished stages do not run again
     resumed = heldout.run_one("meta_so", protocol, 0, "cpu", tmp_path / "stopped")
+    assert heldout.status(protocol, [0], ["meta_so"], tmp_path / "stopped") == ["meta_so_seed0: done"]
     monkeypatch.undo()
     straight = heldout.run_one("meta_so", protocol, 0, "cpu", tmp_path / "straight")
     assert len(straight["history"]) == 2 * len(train_data[1]) // 64  # two epochs of 64-example meta-batches
