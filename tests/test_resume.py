@@ -104,12 +104,14 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly_then_resume_completes(tmp_
     assert steps == list(range(1, 51))
 
 
-def test_a_checkpoint_written_before_the_engine_split_resumes_bit_for_bit(tmp_path):
+def test_a_checkpoint_written_before_the_engine_split_resumes_to_what_an_uninterrupted_run_computes(tmp_path):
     """tests/data/pre_engine_run holds step 2 of this run as written by metaadv at commit 4263018 (trainer.py,
     before the engine and the meta-option protocol; one torch thread); resuming it to step 4 equals an
-    uninterrupted run."""
+    uninterrupted run. Bit for bit on a CPU whose float kernels reproduce that checkpoint's step 2 (the one
+    that wrote it); elsewhere within float rounding, except the conv bias ahead of the BatchNorm (its gradient
+    is zero up to rounding, which Adam scales to lr-sized steps) and the running means it shifts."""
 
-    def run(steps, checkpoint_dir=None):
+    def run(steps, checkpoint_dir):
         g = torch.Generator().manual_seed(0)
         x, y = torch.rand(48, 1, 8, 8, generator=g), torch.randint(0, 10, (48,), generator=g)
         torch.manual_seed(0)
@@ -117,20 +119,33 @@ def test_a_checkpoint_written_before_the_engine_split_resumes_bit_for_bit(tmp_pa
         cfg = ma.MetaConfig(tasks_per_batch=2, support_size=4, query_size=4, steps=steps, task_attention=True,
                             task_bn=True, reuse_every=2, learn_inner_lr=True, device="cpu", batched=False)  # fmt: skip
         tasks = ma.AttackDistribution(["fgsm(eps=0.3)", "pgd_linf(eps=0.3, steps=2)"], seed=0)
-        where = {"checkpoint_dir": checkpoint_dir, "resume": True} if checkpoint_dir else {}
-        return ma.meta_train(model, (x, y), tasks, cfg, progress=False, **where)
+        return ma.meta_train(model, (x, y), tasks, cfg, progress=False, checkpoint_dir=checkpoint_dir,
+                             checkpoint_every=2, keep_last=2, resume=True)  # fmt: skip
 
     shutil.copytree(Path(__file__).parent / "data" / "pre_engine_run", tmp_path / "run")
+    written = ckpt.load_checkpoint(tmp_path / "run" / "ckpt-00000002.pt")["state"]["model"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the thread count the checkpoint was written with: bitwise equality needs it
     try:
-        resumed, whole = run(4, tmp_path / "run"), run(4)
+        resumed, whole = run(4, tmp_path / "run"), run(4, tmp_path / "whole")
     finally:
         torch.set_num_threads(threads)
-    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in whole.history]
+    step2 = ckpt.load_checkpoint(tmp_path / "whole" / "ckpt-00000002.pt")["state"]["model"]
+    bitwise = all(torch.equal(step2[k], v) for k, v in written.items())
+    noise = ("running_mean", "0.bias")  # set by rounding alone, see the docstring
+
+    def same(a: torch.Tensor, b: torch.Tensor, name: str) -> bool:
+        if bitwise:
+            return torch.equal(a, b)
+        return name.endswith(noise) or torch.allclose(a.double(), b.double(), rtol=1e-5, atol=1e-6)
+
+    assert [r["step"] for r in resumed.history] == [1, 2, 3, 4]
+    losses = [torch.tensor([h["loss"] for h in result.history]) for result in (resumed, whole)]
+    assert same(*losses, "loss")
+    assert resumed.model.state_dict().keys() == whole.model.state_dict().keys()
     for k, v in whole.model.state_dict().items():
-        assert torch.equal(resumed.model.state_dict()[k], v), k
+        assert same(resumed.model.state_dict()[k], v, k), k
     for name in ("task_bn", "inner_lr"):
         saved, expected = resumed.artifacts[name], whole.artifacts[name]
         pairs = zip(saved.stats, expected.stats, strict=True) if name == "task_bn" else [(saved, expected)]
-        assert all(torch.equal(a[k], b[k]) for a, b in pairs for k in a)
+        assert all(same(a[k], b[k], k) for a, b in pairs for k in a)
