@@ -230,7 +230,8 @@ def run_one(method: str, protocol: dict, seed: int, device: str, out: Path, fres
     heldout = {**zero, "adapt_shots": 0, "adapted": {}, "adapted_union": {}, "adapted_clean": {}, "meta": meta}
     record = {
         "protocol": protocol["name"], "method": method, "seed": seed, "train_seconds": result.seconds,
-        "heldout": heldout, "train_attacks": trained_on, "adapted": {str(s): v["adapted"] for s, v in shots.items()},
+        "heldout": heldout, "train_attacks": trained_on,
+        "adapted": {str(s): {**v["adapted"], "adapted_clean": v["report"]["adapted_clean"]} for s, v in shots.items()},
         **stage("reference", lambda: reference(model, test, protocol, opts)),
         "validation": {"examples": len(val[1]), "held_out_of": "the training data"},
         "sanity": stage("sanity", lambda: sanity(model, test, protocol, seed)),

@@ -45,6 +45,9 @@ def test_heldout_pipeline_writes_results_summary_and_figures(tmp_path):
     assert len(saved["reference"]["attacks"]) == 1 and 0 <= saved["reference"]["union_acc"] <= 1
     assert set(saved["adapted"]["4"]["adapted_union"]) == {"sgd", "bn", "bn_mix", "bn_sgd", "matched"}
     assert set(records[0]["adapted"]["4"]["adapted_union"]) == {"sgd", "bn", "bn_mix", "bn_sgd"}  # erm: no matched
+    robust, clean = saved["adapted"]["4"]["adapted"], saved["adapted"]["4"]["adapted_clean"]  # per attack
+    assert clean.keys() == robust.keys() and all(clean[m].keys() == robust[m].keys() for m in robust)
+    assert all(0 <= clean[m][a] <= 1 for m in robust for a in robust[m])  # of each adapted model
     assert saved["adapted"]["4"]["matched"]["steps"] == protocol["meta"].get("inner_steps", 1)
     for m in ("sgd", "bn_sgd"):  # chosen on the validation split: recorded with every candidate's score
         chosen, tuning = saved["adapted"]["4"]["finetune"][m], saved["adapted"]["4"]["tuning"][m]
