@@ -6,19 +6,19 @@ trained on, and at what cost, compared with the methods users would pick instead
     python benchmarks/heldout.py --protocol ... --data mnist --device cuda  # same script, full data, GPU
     python benchmarks/heldout.py --protocol ... --device cuda --jobs 12     # runs in parallel processes
 
-Every method trains the same model on the same data for the same number of epochs; its wall-clock is
-recorded. The last ``tune.examples`` (default 300) training digits are held out of training as a validation
-split. Each trained model is attacked white-box in eval mode (held-out attacks, the training attacks, an eps
-sweep), adapted few-shot with the attack re-run against the adapted model (docs/adaptation.md): at each shot
-count "sgd" and "bn_sgd" with (steps, lr) chosen on the validation split from the ``tune`` grid, "bn" and
-"bn_mix" for every method, "matched" (its own inner loop) for meta methods, "task_bn" for runs with per-type
-statistics; attacked zero-shot by the protocol's ``reference_attacks`` (AutoAttack: stronger, too costly to
-re-run after every adaptation); and checked for the sanity conditions of Carlini et al. 2019. One JSON per
-(method, seed) goes to --out; a markdown summary of every JSON in --out is printed and saved. A run whose JSON
-exists is skipped, and training checkpoints and finished evaluation stages go to --out/checkpoints/, so an
-interrupted benchmark resumes where it stopped with the numbers of an uninterrupted one: a run stopped in training
-continues from its last checkpoint (bit for bit), one stopped in evaluation from its last finished stage
-(--overwrite reruns from step 0).
+Every method trains the same model on the same data for the same number of epochs; its wall-clock is recorded. The
+last ``tune.examples`` (default 300) training digits are held out of training as a validation split
+(``tune.scored_examples`` of them score each fine-tuning candidate; default: all but the support set). Each trained
+model is attacked white-box in eval mode (held-out attacks, the training attacks, an eps sweep), adapted few-shot
+with the attack re-run against the adapted model (docs/adaptation.md): at each shot count "sgd" and "bn_sgd" with
+(steps, lr) chosen on the validation split from the ``tune`` grid, "bn" and "bn_mix" for every method, "matched"
+(its own inner loop) for meta methods, "task_bn" for runs with per-type statistics; attacked zero-shot by the
+protocol's ``reference_attacks`` (AutoAttack: stronger, too costly to re-run after every adaptation); and checked
+for the sanity conditions of Carlini et al. 2019. One JSON per (method, seed) goes to --out; a markdown summary of
+every JSON in --out is printed and saved. A run whose JSON exists is skipped, and training checkpoints and finished
+evaluation stages go to --out/checkpoints/, so an interrupted benchmark resumes where it stopped with the numbers of
+an uninterrupted one: a run stopped in training continues from its last checkpoint (bit for bit), one stopped in
+evaluation from its last finished stage (--overwrite reruns from step 0).
 """
 
 from __future__ import annotations
@@ -55,8 +55,9 @@ BASELINE_ATTACKS = {  # baseline -> which protocol attacks it trains on; any oth
 }
 QUICK = {"epochs": 1, "n_examples": 64, "sanity_examples": 48, "shots": [8], "train_examples": 512,
          "tune": {"examples": 48, "steps": [1, 3], "lr": [0.01]}}  # fmt: skip
-# the validation split held out of the training data, and the fine-tuning grid chosen from on it
-TUNE = {"examples": 300, **{k: list(v) for k, v in FINETUNE_GRID.items()}}
+# the validation split held out of the training data, the fine-tuning grid chosen from on it, and how many of
+# its examples score each candidate (None: all but the support set)
+TUNE = {"examples": 300, **{k: list(v) for k, v in FINETUNE_GRID.items()}, "scored_examples": None}
 FINETUNING = ("sgd", "bn_sgd")  # their (steps, lr) chosen on the validation split
 CHECKPOINT_EVERY = 50  # training steps between a run's checkpoints (out/checkpoints/)
 
@@ -80,6 +81,10 @@ def load_protocol(path: Path, quick: bool) -> dict[str, Any]:
     protocol["tune"] = {**TUNE, **protocol.get("tune", {})}
     if set(protocol["tune"]) != set(TUNE):
         raise ValueError(f"{path.name}: tune takes {sorted(TUNE)}, got {sorted(protocol['tune'])}")
+    scored, room = protocol["tune"]["scored_examples"], protocol["tune"]["examples"] - max(protocol["shots"], default=0)
+    if scored is not None and not (isinstance(scored, int) and 0 < scored <= room):
+        raise ValueError(f"{path.name}: tune.scored_examples must be an integer in [1, {room}] (the validation "
+                         f"examples beside the largest support set), got {scored!r}")  # fmt: skip
     for spec in specs:  # fail before any training on a typo
         ma.attacks.make(spec)
     for name, options in (protocol.get("baseline_variants") or {}).items():
@@ -233,7 +238,8 @@ def run_one(method: str, protocol: dict, seed: int, device: str, out: Path, fres
         "heldout": heldout, "train_attacks": trained_on,
         "adapted": {str(s): {**v["adapted"], "adapted_clean": v["report"]["adapted_clean"]} for s, v in shots.items()},
         **stage("reference", lambda: reference(model, test, protocol, opts)),
-        "validation": {"examples": len(val[1]), "held_out_of": "the training data"},
+        "validation": {"examples": len(val[1]), "scored_examples": protocol["tune"].get("scored_examples"),
+                       "held_out_of": "the training data"},
         "sanity": stage("sanity", lambda: sanity(model, test, protocol, seed)),
         "eval_seconds": stage.seconds, "tune_seconds": sum(v["tune_seconds"] for v in shots.values()),
         "history": [{k: r[k] for k in ("step", "loss", "seconds", "task_names", "query_acc", "task_weights",
@@ -290,6 +296,7 @@ def few_shot(method: str, protocol: dict, result: ma.TrainResult, val: Any, test
     grid = {k: protocol["tune"][k] for k in ("steps", "lr")}
     t = time.perf_counter()  # the held-out attacks on the validation digits choose each (steps, lr)
     tuned = {m: tune_finetuning(result.model, val, protocol["held_out"], shots, grid, method=m, seed=seed,
+                                n_examples=protocol["tune"].get("scored_examples"),
                                 batch_size=protocol["eval_batch_size"]) for m in FINETUNING}  # fmt: skip
     seconds = time.perf_counter() - t
     r = ma.evaluate(result.model, test, protocol["held_out"], adapt_shots=shots,

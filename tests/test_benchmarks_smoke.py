@@ -228,6 +228,16 @@ def test_a_baseline_variant_must_name_a_known_method(tmp_path):
         heldout.load_protocol(tmp_path / "bad.yaml", quick=False)
 
 
+@pytest.mark.parametrize("scored", [0, 293, 2.5, "all"])
+def test_the_tuning_must_score_on_validation_examples_beside_the_largest_support_set(tmp_path, scored):
+    protocol = yaml.safe_load(heldout.DEFAULT_PROTOCOL.read_text()) | {"shots": [4, 8]}  # 300 validation examples
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({**protocol, "tune": {"scored_examples": 292}}))
+    assert heldout.load_protocol(tmp_path / "p.yaml", quick=False)["tune"]["scored_examples"] == 292
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**protocol, "tune": {"scored_examples": scored}}))
+    with pytest.raises(ValueError, match=r"tune.scored_examples must be an integer in \[1, 292\]"):
+        heldout.load_protocol(tmp_path / "bad.yaml", quick=False)
+
+
 def test_committed_full_results_cover_three_seeds_and_pass_the_sanity_checks():
     """The numbers in docs/benchmarks.md come from these files."""
     for name in ("linf_heldout", "leave_out_linf", "leave_out_l2", "leave_out_l1"):
@@ -325,7 +335,7 @@ TINY_UNFORESEEN = {
     "epochs": 1, "train_examples": 128, "n_examples": 16, "sanity_examples": 16, "shots": [4],
     "model": {"name": "SmallCNN", "hidden": 16}, "meta": {"tasks_per_batch": 2, "support_size": 8, "query_size": 8},
     "batch_size": 32, "black_box": "torchattacks:Square(eps=0.3, n_queries=10)",
-    "tune": {"examples": 24, "steps": [1], "lr": [0.01]},
+    "tune": {"examples": 24, "steps": [1], "lr": [0.01], "scored_examples": 12},
 }  # fmt: skip
 
 
@@ -350,6 +360,7 @@ def test_unforeseen_protocols_run_in_quick_mode(name, tmp_path, monkeypatch):
         assert set(record["heldout"]["attacks"]) == {ma.attacks.make(a).spec for a in protocol["held_out"]}
         assert set(record["adapted"]["4"]["adapted_union"]) - {"matched"} == {"sgd", "bn", "bn_mix", "bn_sgd"}
         assert ("matched" in record["adapted"]["4"]["adapted_union"]) == (method == "meta_so")
+        assert record["validation"] == {"examples": 24, "scored_examples": 12, "held_out_of": "the training data"}
         assert 0 <= record["heldout"]["union_acc"] <= 1
 
 
