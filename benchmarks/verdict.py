@@ -10,8 +10,9 @@ and the leads below.
 Per protocol, shot count and score (held-out union, held-out mean): the best baseline is the baseline method
 with the highest mean over seeds of its best adaptation (``best@s``: the best of sgd, bn, bn_mix, bn_sgd, as in
 heldout.py's summary); zero-shot, of its held-out score. Each meta method's lead over it is taken seed by seed
-(same seed, same test digits), in points. A meta method "wins" a row when it leads by at least ``--margin``
-points on every seed both ran. Training time is the meta method's over the best baseline's (mean over seeds).
+(same seed, same test digits), in points; a baseline competes once it has run every seed the meta method ran. A
+meta method "wins" a row when it leads by at least ``--margin`` points on every seed. Training time is the meta
+method's over the best baseline's (mean over seeds).
 """
 
 from __future__ import annotations
@@ -36,22 +37,20 @@ def by_seed(records: list[dict[str, Any]], method: str, shots: int, how: str, ki
 
 def leads(records: list[dict[str, Any]], shots: int, kind: str) -> list[dict[str, Any]]:
     """One entry per meta method: the best baseline (name, its scores by seed), the meta method's matched scores
-    by seed (zero-shot at ``shots`` 0) and its lead over the baseline per seed, in points."""
+    by seed (zero-shot at ``shots`` 0) and its lead over the baseline per seed, in points. A baseline competes
+    only once it has run every seed the meta method ran, so a partial run never decides a row."""
     meta = {r["method"]: is_meta(r["method"], r["config"]) for r in records}
     baselines, metas = [m for m, is_it in meta.items() if not is_it], [m for m, is_it in meta.items() if is_it]
     scored = {b: by_seed(records, b, shots, "best", kind) for b in baselines}
-    scored = {b: s for b, s in scored.items() if s}
-    if not scored:
-        return []
-    best = max(scored, key=lambda b: statistics.mean(scored[b].values()))
     out = []
     for method in metas:
         own = by_seed(records, method, shots, "matched", kind)
-        common = sorted(own.keys() & scored[best].keys())
-        if not common:
+        complete = {b: s for b, s in scored.items() if own and own.keys() <= s.keys()}
+        if not complete:
             continue
-        out.append({"method": method, "baseline": best, "baseline_scores": scored[best], "scores": own,
-                    "leads": {s: 100 * (own[s] - scored[best][s]) for s in common},
+        best = max(complete, key=lambda b: statistics.mean(complete[b].values()))
+        out.append({"method": method, "baseline": best, "baseline_scores": complete[best], "scores": own,
+                    "leads": {s: 100 * (own[s] - complete[best][s]) for s in sorted(own)},
                     "time_ratio": train_time(records, method) / train_time(records, best)})  # fmt: skip
     return out
 
@@ -103,7 +102,13 @@ def verdict_table(records: list[dict[str, Any]], margin: float = 3.0) -> str:
                     "yes" if min(lead) >= margin else "no", f"{row['time_ratio']:.2f}x",
                 ]) + " |")  # fmt: skip
     seeds = sorted({r["seed"] for r in records})
-    return "\n".join([*lines, "", f"{len(records)} runs, seeds {seeds}; zero-shot rows compare held-out scores."])
+    ran: dict[str, list[int]] = {}
+    for r in records:
+        ran.setdefault(r["method"], []).append(r["seed"])
+    partial = ", ".join(f"{m} (seeds {sorted(s)})" for m, s in ran.items() if len(s) < len(seeds))
+    note = f" Missing seeds (a baseline competes once it covers the meta method's): {partial}." if partial else ""
+    summary = f"{len(records)} runs, seeds {seeds}; zero-shot rows compare held-out scores.{note}"
+    return "\n".join([*lines, "", summary])
 
 
 def answer(folders: list[Path], margin: float = 3.0) -> str:

@@ -44,6 +44,17 @@ def test_a_win_needs_the_margin_on_every_seed_and_zero_shot_compares_the_held_ou
     assert "avg 71.0 ± 1.4" in rows[("zero-shot", "mean")]
 
 
+def test_a_baseline_competes_only_once_it_has_run_every_seed_of_the_meta_method():
+    partial = [*RECORDS, record("msd", 0, 0.99, 0.99)]  # the best of all, but on seed 0 only
+    (row,) = verdict.leads(partial, 8, "union")
+    assert row["baseline"] == "avg" and set(row["leads"]) == {0, 1}
+    assert "Missing seeds (a baseline competes once it covers the meta method's): msd (seeds [0])." in (
+        verdict.verdict_table(partial)
+    )
+    (row,) = verdict.leads([r for r in partial if r["seed"] == 0], 8, "union")  # every run on seed 0 alone
+    assert row["baseline"] == "msd"
+
+
 def test_the_results_table_gives_every_method_mean_and_std_over_seeds_and_no_matched_score_to_a_baseline():
     rows = {line.split("|")[1].strip(): line for line in verdict.results_table(RECORDS).splitlines()[2:]}
     assert list(rows) == ["`pgd_at`", "`avg`", "`meta_so`"]
