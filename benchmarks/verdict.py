@@ -45,8 +45,8 @@ def leads(records: list[dict[str, Any]], shots: int, kind: str) -> list[dict[str
     out = []
     for method in metas:
         own = by_seed(records, method, shots, "matched", kind)
-        complete = {b: s for b, s in scored.items() if own and own.keys() <= s.keys()}
-        if not complete:
+        complete = {b: s for b, s in scored.items() if own.keys() <= s.keys()}
+        if not own or not complete:
             continue
         best = max(complete, key=lambda b: statistics.mean(complete[b].values()))
         out.append({"method": method, "baseline": best, "baseline_scores": complete[best], "scores": own,
